@@ -1,0 +1,323 @@
+"""Checkpoints: a uniform, streaming view of tensors across files and formats.
+
+A :class:`Checkpoint` knows every tensor's name, storage dtype and shape from the
+headers alone, and reads rows of a tensor on demand through a format-specific
+:class:`TensorReader`.  Nothing is held in memory beyond the block being read.
+
+Formats plug in through :data:`OPENERS`, an explicit tuple of functions that each
+either return a :class:`Checkpoint` for a reference or ``None`` when the
+reference is not theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
+from lineage.io.dtypes import DTYPES
+from lineage.io.safetensors import SafetensorsEntry, header_length, parse_header
+from lineage.io.sources import ByteSource, LocalFileSource
+
+log = logging.getLogger(__name__)
+
+#: Default block size for streaming reads, in elements.
+DEFAULT_BLOCK_ELEMS = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What the headers say about one tensor.
+
+    ``file`` and ``offset`` give the storage order, so readers can visit tensors in
+    file order.  ``dtype`` is the storage type name (``"BF16"``, ``"Q4_K"``, …).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    file: str
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def n_rows(self) -> int:
+        """Rows along dim 0 for matrices; a vector or scalar is one row."""
+        return self.shape[0] if len(self.shape) >= 2 else 1
+
+    @property
+    def row_numel(self) -> int:
+        """Elements per row."""
+        return math.prod(self.shape[1:]) if len(self.shape) >= 2 else self.numel
+
+
+class TensorReader(Protocol):
+    """Reads rows ``[start, stop)`` of one tensor.
+
+    Float storage is returned in its own torch dtype (so fast kernels can work on
+    bf16 directly); quantised storage is dequantised to float32.  The result has
+    shape ``(stop - start, *shape[1:])`` for matrices, or the full shape for vectors.
+    """
+
+    def read_rows(self, meta: TensorMeta, start: int, stop: int) -> torch.Tensor: ...
+
+
+@dataclass
+class Checkpoint:
+    """A model's tensors, readable in row blocks, with its config and tokenizer."""
+
+    ref: str
+    format: str
+    tensors: dict[str, TensorMeta]
+    readers: dict[str, TensorReader]
+    sources: list[ByteSource] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tokenizer_dir: str | None = None
+    _vocab: list[str] | None = field(default=None, repr=False)
+    _vocab_loaded: bool = field(default=False, repr=False)
+
+    # -- reading ---------------------------------------------------------------
+    def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` in its storage dtype (see TensorReader)."""
+        meta = self._meta(name)
+        stop = meta.n_rows if stop is None else stop
+        if not 0 <= start <= stop <= meta.n_rows:
+            raise CheckpointError(
+                f"row range [{start}, {stop}) outside tensor {name!r} with {meta.n_rows} rows",
+                path=self.ref,
+            )
+        return self.readers[name].read_rows(meta, start, stop)
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``[start, stop)`` of tensor ``name`` as float32."""
+        return self.read_raw(name, start, stop).float()
+
+    def iter_blocks(
+        self, name: str, block_elems: int = DEFAULT_BLOCK_ELEMS
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(row_start, rows)`` blocks of about ``block_elems`` elements, in storage dtype."""
+        meta = self._meta(name)
+        rows_per = max(1, block_elems // max(1, meta.row_numel))
+        for s in range(0, meta.n_rows, rows_per):
+            yield s, self.read_raw(name, s, min(meta.n_rows, s + rows_per))
+
+    def _meta(self, name: str) -> TensorMeta:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"no tensor named {name!r}", path=self.ref) from None
+
+    # -- accounting ------------------------------------------------------------
+    @property
+    def total_bytes(self) -> int:
+        """Size of the tensor data (sum over tensors)."""
+        return sum(m.nbytes for m in self.tensors.values())
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from all sources so far (headers included)."""
+        return sum(s.bytes_read for s in self.sources)
+
+    def in_file_order(self, names: list[str] | None = None) -> list[str]:
+        """The given tensor names (default: all) sorted by (file, offset)."""
+        names = list(self.tensors) if names is None else names
+        return sorted(names, key=lambda n: (self.tensors[n].file, self.tensors[n].offset))
+
+    # -- tokenizer -------------------------------------------------------------
+    def vocab(self) -> list[str] | None:
+        """Token strings by id, if a tokenizer ships with the checkpoint."""
+        if not self._vocab_loaded:
+            self._vocab_loaded = True
+            if self._vocab is None and self.tokenizer_dir is not None:
+                from lineage.io.tokenizer import load_vocab
+
+                self._vocab = load_vocab(self.tokenizer_dir)
+        return self._vocab
+
+    def close(self) -> None:
+        """Close every source."""
+        for s in self.sources:
+            s.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------- safetensors
+
+
+class SafetensorsReader:
+    """Reads row ranges of safetensors tensors from a byte source."""
+
+    def __init__(self, source: ByteSource, entries: dict[str, SafetensorsEntry]) -> None:
+        self.source = source
+        self.entries = entries
+
+    def read_rows(self, meta: TensorMeta, start: int, stop: int) -> torch.Tensor:
+        entry = self.entries[meta.name]
+        dt = DTYPES[entry.dtype]
+        if dt.torch_dtype is None:
+            raise UnsupportedFormatError(
+                f"tensor {meta.name!r} has dtype {entry.dtype}, which this torch build cannot read",
+                path=self.source.name,
+            )
+        row_bytes = meta.row_numel * dt.itemsize
+        n = (stop - start) * row_bytes
+        buf = torch.empty(n, dtype=torch.uint8)
+        if n:
+            self.source.readinto(entry.start + start * row_bytes, memoryview(buf.numpy()))
+        out = buf.view(dt.torch_dtype)
+        shape = (stop - start, *meta.shape[1:]) if len(meta.shape) >= 2 else meta.shape
+        return out.view(shape)
+
+
+def read_safetensors_header(source: ByteSource):
+    """Fetch and parse the header of a safetensors byte source."""
+    n = header_length(source.read(0, min(8, source.size)), source.size, source.name)
+    return parse_header(source.read(8, n), source.size, source.name)
+
+
+def open_safetensors_sources(
+    ref: str, sources: list[ByteSource], fmt: str = "safetensors"
+) -> Checkpoint:
+    """Build a checkpoint from one or more safetensors byte sources (shards)."""
+    tensors: dict[str, TensorMeta] = {}
+    readers: dict[str, TensorReader] = {}
+    metadata: dict[str, Any] = {}
+    for src in sources:
+        header = read_safetensors_header(src)
+        metadata.update(header.metadata)
+        entries = {e.name: e for e in header.entries}
+        reader = SafetensorsReader(src, entries)
+        for e in header.entries:
+            if e.name in tensors:
+                raise ShardError(
+                    f"tensor {e.name!r} appears in both {tensors[e.name].file} and {src.name}",
+                    path=ref,
+                )
+            tensors[e.name] = TensorMeta(
+                e.name, e.dtype, e.shape, e.end - e.start, src.name, e.start
+            )
+            readers[e.name] = reader
+    return Checkpoint(ref, fmt, tensors, readers, list(sources), metadata=metadata)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"{what} not found", path=str(path)) from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HeaderError(f"{what} is not valid JSON: {e}", path=str(path)) from e
+
+
+def load_config(folder: Path) -> dict[str, Any] | None:
+    """``config.json`` of a model folder, if present and valid (a bad one is only logged)."""
+    p = folder / "config.json"
+    if not p.is_file():
+        return None
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        log.warning("%s: ignoring unreadable config.json (%s)", p, e)
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
+
+
+def open_local_safetensors(ref: str) -> Checkpoint | None:
+    """A ``.safetensors`` file, or a folder with one file or an index of shards."""
+    path = Path(ref)
+    if path.is_file() and path.suffix == ".safetensors":
+        folder, files = path.parent, [path]
+    elif path.is_dir():
+        folder = path
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            files = _shards_from_index(index)
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            files = [f for f in files if not f.name.startswith("adapter_model")]
+            if not files:
+                return None
+    else:
+        return None
+    sources: list[ByteSource] = [LocalFileSource(f) for f in files]
+    ckpt = open_safetensors_sources(ref, sources)
+    ckpt.config = load_config(folder)
+    ckpt.tokenizer_dir = str(folder) if _has_tokenizer(folder) else None
+    if path.is_dir() and (path / "model.safetensors.index.json").is_file():
+        _check_index_covers(path / "model.safetensors.index.json", ckpt)
+    return ckpt
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    data = _read_json(index, "shard index")
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise ShardError("shard index has no valid 'weight_map'", path=str(index))
+    files = []
+    for shard in sorted(set(wm.values())):
+        p = index.parent / shard
+        if os.path.sep in os.path.normpath(shard) or shard.startswith(".."):
+            raise ShardError(f"shard index names a file outside the folder: {shard!r}", path=str(index))
+        if not p.is_file():
+            raise ShardError(f"shard index names missing shard {shard!r}", path=str(index))
+        files.append(p)
+    return files
+
+
+def _check_index_covers(index: Path, ckpt: Checkpoint) -> None:
+    wm = _read_json(index, "shard index")["weight_map"]
+    missing = [n for n in wm if n not in ckpt.tensors]
+    if missing:
+        raise ShardError(
+            f"{len(missing)} tensor(s) listed in the index are absent from the shards, "
+            f"e.g. {missing[0]!r}",
+            path=str(index),
+        )
+
+
+#: Format openers, tried in order.  Each returns a Checkpoint or None ("not mine").
+OPENERS: list[Callable[[str], Checkpoint | None]] = [open_local_safetensors]
+
+
+def open_checkpoint(ref: str | os.PathLike[str]) -> Checkpoint:
+    """Open a model reference (see :data:`OPENERS`) without reading any tensor data."""
+    ref = os.fspath(ref)
+    for opener in OPENERS:
+        ckpt = opener(ref)
+        if ckpt is not None:
+            if not ckpt.tensors:
+                raise CheckpointError("checkpoint contains no tensors", path=ref)
+            log.debug("opened %s as %s with %d tensors", ref, ckpt.format, len(ckpt.tensors))
+            return ckpt
+    p = Path(ref)
+    if not p.exists():
+        raise CheckpointError("no such file or folder", path=ref)
+    if p.is_dir():
+        raise CheckpointError(
+            "folder holds no model weights (no *.safetensors, index, GGUF, .bin or adapter)",
+            path=ref,
+        )
+    raise UnsupportedFormatError(f"unrecognised model file type {p.suffix or '(none)'!r}", path=ref)
