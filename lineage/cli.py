@@ -1,0 +1,146 @@
+"""The `lineage` command: parse options, make one library call, render.
+
+Exit codes: 0 success (whatever the verdict), 1 when ``--expect`` disagrees with
+the verdict, 2 on bad input (any :class:`~lineage.errors.LineageError`) or bad usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lineage.errors import LineageError
+
+log = logging.getLogger("lineage")
+
+
+def _want_colour(flag: bool | None, stream: Any) -> bool:
+    if flag is not None:
+        return flag
+    if os.environ.get("NO_COLOR"):
+        return False
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+def _progress(no_progress: bool):
+    from lineage.progress import ProgressBar
+
+    if no_progress or not sys.stderr.isatty():
+        return None
+    return ProgressBar(sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (-v info, -vv debug).")
+@click.version_option(package_name="weight-lineage", prog_name="lineage")
+def cli(debug: bool, verbose: int) -> None:
+    """Decide from the weights alone whether one model was derived from another."""
+    level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Write the versioned JSON report to stdout.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write a self-contained HTML report.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--expect", type=click.Choice(["derived", "unrelated"]), help="Exit 1 unless the verdict agrees (for CI).")
+@click.option("--tensors", is_flag=True, help="Also print the per-tensor table.")
+@click.option("--no-canon", is_flag=True, help="Skip canonicalisation (element-wise comparison only).")
+@click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
+@click.option("--color/--no-color", "colour", default=None, help="Colour the terminal output (default: when a terminal).")
+def compare(
+    a: str, b: str, as_json: bool, html_path: str | None, device: str, expect: str | None,
+    tensors: bool, no_canon: bool, no_progress: bool, colour: bool | None,
+) -> int:
+    """Compare model A (reference) with model B and give a lineage verdict."""
+    from lineage.compare import CompareOptions
+    from lineage.compare import compare as run_compare
+
+    bar = _progress(no_progress)
+    try:
+        report = run_compare(a, b, options=CompareOptions(device=device, canonicalise=not no_canon), progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        from lineage.render_text import render_text
+
+        click.echo(render_text(report, colour=_want_colour(colour, sys.stdout), tensors=tensors), nl=False)
+    if html_path:
+        from lineage.render_html import render_html
+
+        Path(html_path).write_text(render_html(report), encoding="utf-8")
+        if not as_json:
+            click.echo(f"HTML report written to {html_path}", err=True)
+    if expect is not None:
+        wanted = expect == "derived"
+        if report.verdict.derived is not wanted:
+            click.echo(f"lineage: expected {expect}, verdict is {report.verdict.relation}", err=True)
+            return 1
+    return 0
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write the demo models (default: a cache folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as a JSON list.")
+@click.option("--color/--no-color", "colour", default=None)
+def demo(out: str | None, as_json: bool, colour: bool | None) -> int:
+    """Build small demo checkpoints (a base, a fine-tune, an unrelated model) and compare them."""
+    import json
+
+    from lineage.compare import compare as run_compare
+    from lineage.testing.demo import build_demo
+
+    models = build_demo(out)
+    pairs = [("base", "finetuned"), ("base", "unrelated"), ("base", "disguised")]
+    reports = []
+    for x, y in pairs:
+        if x not in models or y not in models:
+            continue
+        report = run_compare(models[x], models[y])
+        reports.append(report)
+        if not as_json:
+            from lineage.render_text import render_text
+
+            click.secho(f"\n=== {x} vs {y} ===", bold=True, color=_want_colour(colour, sys.stdout))
+            click.echo(render_text(report, colour=_want_colour(colour, sys.stdout)), nl=False)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in reports], indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: maps library errors to exit code 2 without a traceback."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        rv = cli.main(args=args, prog_name="lineage", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except LineageError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"lineage: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

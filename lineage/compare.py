@@ -1,0 +1,290 @@
+"""Orchestration of a pairwise comparison: open → pair → stream statistics → verdict → report.
+
+Memory stays bounded by a few row blocks: each paired role is streamed in blocks
+of ``block_elems`` elements, read in the reference model's file order, with the
+next block pair read on a background thread while the current one is reduced.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lineage.errors import ConfigError, LineageError
+from lineage.io.checkpoint import Checkpoint, open_checkpoint
+from lineage.pairing import RoleMap, pair_models, read_role, roles_for
+from lineage.progress import ProgressFn
+from lineage.report import Finding, ModelSummary, Report, TensorRow
+from lineage.signals.similarity import Similarity, similarity_from_moments
+from lineage.verdict import MatrixEvidence, decide
+from lineage_kernels.moments import pair_moments
+
+log = logging.getLogger(__name__)
+
+#: Role kinds whose 2-D weights count as evidence (norm gains and biases never do).
+EVIDENCE_KINDS = frozenset(
+    {"embed", "lm_head", "pos_embed", "attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}
+)
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """Options of :func:`compare`, validated on construction."""
+
+    device: str = "cpu"
+    block_elems: int = 1 << 22
+    canonicalise: bool = True
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ConfigError(f"device must be cpu, cuda or auto, not {self.device!r}")
+        if self.block_elems < 1024:
+            raise ConfigError(f"block_elems must be at least 1024, not {self.block_elems}")
+
+    def torch_device(self) -> torch.device:
+        """The torch device to compute on (``auto`` picks CUDA when present)."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda requested but no CUDA device is available")
+        return torch.device(self.device)
+
+
+def split_role(role: str) -> tuple[int | None, str]:
+    """``"L3.attn.q.weight"`` → ``(3, "attn.q")``; ``"embed.weight"`` → ``(None, "embed")``."""
+    parts = role.split(".")
+    layer = None
+    if parts[0].startswith("L") and parts[0][1:].isdigit():
+        layer = int(parts[0][1:])
+        parts = parts[1:]
+    if parts and parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+    return layer, ".".join(parts)
+
+
+@dataclass
+class _Job:
+    role: str
+    view_a: Any
+    view_b: Any
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    rows: int  # rows compared (≤ both)
+    full: bool  # shapes equal
+    plain: bool  # both views are untransposed whole tensors: stream raw blocks
+
+
+def _is_plain(view: Any) -> bool:
+    return bool(view.is_plain)
+
+
+def _block_pairs(
+    ca: Checkpoint, cb: Checkpoint, job: _Job, block_elems: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if job.plain:
+        meta = ca.tensors[job.view_a.tensor]
+        per = max(1, block_elems // max(1, meta.row_numel))
+        for s in range(0, job.rows, per):
+            e = min(job.rows, s + per)
+            yield ca.read_raw(job.view_a.tensor, s, e), cb.read_raw(job.view_b.tensor, s, e)
+    else:
+        ta, tb = read_role(ca, job.view_a), read_role(cb, job.view_b)
+        yield ta[: job.rows], tb[: job.rows]
+
+
+def _stream(
+    ca: Checkpoint, cb: Checkpoint, jobs: list[_Job], block_elems: int, prefetch: bool
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(job_index, block_a, block_b)``, reading ahead on a thread when ``prefetch``."""
+
+    def produce() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for i, job in enumerate(jobs):
+            for xa, xb in _block_pairs(ca, cb, job, block_elems):
+                yield i, xa, xb
+
+    if not prefetch:
+        yield from produce()
+        return
+    q: queue.Queue[Any] = queue.Queue(maxsize=2)
+    stop = threading.Event()
+    done = object()
+
+    def worker() -> None:
+        try:
+            for item in produce():
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, re-raised there
+            q.put(e)
+
+    t = threading.Thread(target=worker, name="lineage-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(0.05)
+
+
+def _summary(ckpt: Checkpoint, roles: RoleMap) -> ModelSummary:
+    arch = roles.arch
+    claims = {k: v for k, v in ckpt.metadata.items() if "base_model" in str(k)}
+    return ModelSummary(
+        ref=ckpt.ref,
+        format=ckpt.format,
+        n_tensors=len(ckpt.tensors),
+        total_bytes=ckpt.total_bytes,
+        bytes_read=ckpt.bytes_read,
+        family=getattr(arch, "family", None),
+        n_layers=getattr(arch, "n_layers", None),
+        hidden=getattr(arch, "hidden", None),
+        dtypes=dict(Counter(m.dtype for m in ckpt.tensors.values())),
+        claims=claims,
+    )
+
+
+def compare(
+    a: str | Checkpoint,
+    b: str | Checkpoint,
+    *,
+    options: CompareOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> Report:
+    """Compare model ``a`` (the reference) with model ``b``.
+
+    Each side is a model reference accepted by :func:`lineage.io.open_checkpoint`
+    or an already opened :class:`Checkpoint`.  Raises :class:`LineageError`
+    subclasses on bad input; NaN/Inf weights are reported as findings.
+    """
+    opts = options or CompareOptions()
+    device = opts.torch_device()
+    t0 = time.perf_counter()
+    ca = a if isinstance(a, Checkpoint) else open_checkpoint(a)
+    cb = b if isinstance(b, Checkpoint) else open_checkpoint(b)
+    try:
+        return _compare_open(ca, cb, opts, device, progress, t0)
+    finally:
+        if not isinstance(a, Checkpoint):
+            ca.close()
+        if not isinstance(b, Checkpoint):
+            cb.close()
+
+
+def _plan(ca: Checkpoint, cb: Checkpoint, ra: RoleMap, rb: RoleMap):
+    pairing = pair_models(ra, rb)
+    jobs: list[_Job] = []
+    skipped: list[TensorRow] = []
+    findings: list[Finding] = []
+    for m in pairing.matched:
+        sa, sb = tuple(m.shape_a), tuple(m.shape_b)
+        layer, kind = split_role(m.role)
+        if sa == sb:
+            rows = sa[0] if len(sa) >= 2 else 1
+            jobs.append(_Job(m.role, m.view_a, m.view_b, sa, sb, rows, True, _is_plain(m.view_a) and _is_plain(m.view_b)))
+        elif len(sa) == len(sb) >= 2 and sa[1:] == sb[1:]:
+            rows = min(sa[0], sb[0])
+            jobs.append(_Job(m.role, m.view_a, m.view_b, sa, sb, rows, False, _is_plain(m.view_a) and _is_plain(m.view_b)))
+        else:
+            skipped.append(
+                TensorRow(m.role, layer, kind, m.view_a.tensor, m.view_b.tensor, sa, sb,
+                          ca.tensors[m.view_a.tensor].dtype, cb.tensors[m.view_b.tensor].dtype,
+                          None, None, None, False, f"shape mismatch {sa} vs {sb}")
+            )
+            findings.append(Finding("warning", f"role {m.role}: shapes differ ({sa} vs {sb}); not compared"))
+    jobs.sort(key=lambda j: (ca.tensors[j.view_a.tensor].file, ca.tensors[j.view_a.tensor].offset))
+    return pairing, jobs, skipped, findings
+
+
+def _compare_open(
+    ca: Checkpoint, cb: Checkpoint, opts: CompareOptions, device: torch.device,
+    progress: ProgressFn | None, t0: float,
+) -> Report:
+    ra = roles_for(ca)
+    rb = roles_for(cb)
+    pairing, jobs, rows_out, findings = _plan(ca, cb, ra, rb)
+    if not jobs and not rows_out:
+        log.warning("no tensors could be paired between %s and %s", ca.ref, cb.ref)
+    total = sum(j.rows * ca.tensors[j.view_a.tensor].row_numel for j in jobs) or 1
+    done = 0
+    moments = [torch.zeros(7, dtype=torch.float64) for _ in jobs]
+    t_open = time.perf_counter()
+    for i, xa, xb in _stream(ca, cb, jobs, opts.block_elems, opts.prefetch):
+        if device.type != "cpu":
+            xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
+        if xa.shape != xb.shape:
+            raise LineageError(f"internal: block shapes differ for {jobs[i].role}: {tuple(xa.shape)} vs {tuple(xb.shape)}")
+        moments[i] += pair_moments(xa, xb)
+        done += xa.numel()
+        if progress is not None:
+            progress(done, total, jobs[i].role)
+    t_stream = time.perf_counter()
+
+    evidence: list[MatrixEvidence] = []
+    tied_embed = bool(getattr(ra.arch, "tied_embeddings", False) or getattr(rb.arch, "tied_embeddings", False))
+    for job, mom in zip(jobs, moments):
+        sim = similarity_from_moments(mom)
+        layer, kind = split_role(job.role)
+        meta_a, meta_b = ca.tensors[job.view_a.tensor], cb.tensors[job.view_b.tensor]
+        shape_a, shape_b = job.shape_a, job.shape_b
+        note = None if job.full else f"compared on the first {job.rows} rows ({shape_a[0]} vs {shape_b[0]})"
+        is_evidence = (
+            kind in EVIDENCE_KINDS and job.role.endswith(".weight") and len(shape_a) == 2
+            and sim.pearson is not None and not (tied_embed and kind == "lm_head")
+        )
+        if not sim.finite:
+            is_evidence = False
+            findings.extend(_nonfinite_findings(job, mom))
+        rows_out.append(
+            TensorRow(job.role, layer, kind, job.view_a.tensor, job.view_b.tensor, shape_a, shape_b,
+                      meta_a.dtype, meta_b.dtype, sim.cosine, sim.pearson, sim.rel_l2, is_evidence, note)
+        )
+        if is_evidence:
+            evidence.append(
+                MatrixEvidence(job.role, job.rows, shape_a[1], sim.pearson or 0.0, sim.rel_l2, sim.identical and job.full)
+            )
+    rows_out.sort(key=lambda r: (-1 if r.layer is None else r.layer, r.role))
+    verdict = decide(evidence, n_unmatched=len(pairing.only_a) + len(pairing.only_b))
+    t_end = time.perf_counter()
+    return Report(
+        a=_summary(ca, ra),
+        b=_summary(cb, rb),
+        verdict=verdict,
+        layers=tuple(rows_out),
+        only_a=tuple(pairing.only_a),
+        only_b=tuple(pairing.only_b),
+        findings=tuple(findings),
+        timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "total_s": t_end - t0},
+    )
+
+
+def _nonfinite_findings(job: _Job, mom: torch.Tensor) -> list[Finding]:
+    out = []
+    for side, idx, view in (("a", 3, job.view_a), ("b", 4, job.view_b)):
+        if not math.isfinite(float(mom[idx])):
+            out.append(Finding("error", "tensor holds NaN or Inf values (or overflows float32); left out of the evidence",
+                               side, view.tensor))
+    if not out:
+        out.append(Finding("error", "non-finite statistics; left out of the evidence", None, job.view_a.tensor))
+    return out

@@ -1,0 +1,69 @@
+"""Self-contained HTML rendering of a compare report (inline SVG plots, no network)."""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+
+from lineage.plots import line_chart, page
+from lineage.report import Report
+from lineage.render_text import GRID_KINDS
+
+
+def _f(x: float | None, spec: str = ".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def render_html(report: Report) -> str:
+    """The report as one HTML page with similarity-by-layer plots."""
+    e = html.escape
+    v = report.verdict
+    cls = {True: "derived", False: "unrelated", None: "inconclusive"}[v.derived]
+    p = "—" if v.log10_p is None else (f"{v.p_value:.3g}" if v.log10_p > -4 else f"10^{v.log10_p:.1f}")
+    body = [f"<h1>lineage: {e(report.a.ref)} vs {e(report.b.ref)}</h1>"]
+    body.append(f'<h2 class="{cls}">{e(v.relation)} <small>(p = {e(p)})</small></h2>')
+    body.append(f"<p>{e(v.summary)}</p><p class='muted'>Null: {e(v.null)}</p>")
+    if report.canon and report.canon.get("transforms"):
+        body.append("<p>Transforms undone: " + ", ".join(e(str(t)) for t in report.canon["transforms"]) + "</p>")
+    if report.anatomy and report.anatomy.get("summary"):
+        body.append(f"<p>Anatomy: {e(str(report.anatomy['summary']))}</p>")
+    series: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
+    cos_series: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
+    for row in report.layers:
+        if row.layer is not None and row.kind in GRID_KINDS and row.role.endswith(".weight"):
+            series[row.kind].append((row.layer, row.pearson))
+            cos_series[row.kind].append((row.layer, row.cosine))
+    if series:
+        body.append(
+            line_chart(series, title="Pearson correlation by layer and role", xlabel="layer",
+                       ylabel="Pearson r", y_range=(min(-0.05, min((y for s in series.values() for _, y in s if y is not None), default=0)), 1.0))
+        )
+        body.append(
+            line_chart(cos_series, title="Cosine similarity by layer and role", xlabel="layer",
+                       ylabel="cosine", y_range=(min(-0.05, min((y for s in cos_series.values() for _, y in s if y is not None), default=0)), 1.0))
+        )
+    body.append("<h3>Models</h3><table><tr><th class='l'>side</th><th class='l'>reference</th><th>format</th><th>tensors</th><th>bytes</th><th>bytes read</th><th class='l'>architecture</th></tr>")
+    for side, m in (("A", report.a), ("B", report.b)):
+        arch = f"{m.family or '?'}, {m.n_layers} layers, hidden {m.hidden}"
+        body.append(
+            f"<tr><td class='l'>{side}</td><td class='l'>{e(m.ref)}</td><td>{e(m.format)}</td><td>{m.n_tensors}</td>"
+            f"<td>{m.total_bytes:,}</td><td>{m.bytes_read:,}</td><td class='l'>{e(arch)}</td></tr>"
+        )
+    body.append("</table>")
+    if report.findings:
+        body.append("<h3>Findings</h3><ul>")
+        for f in report.findings:
+            body.append(f"<li><b>{e(f.severity)}</b> {e(f.model or '')} {e(f.tensor or '')}: {e(f.message)}</li>")
+        body.append("</ul>")
+    body.append("<h3>Per tensor</h3><table><tr><th class='l'>role</th><th class='l'>A tensor</th><th>shape</th>"
+                "<th>cosine</th><th>pearson</th><th>rel L2</th><th>evidence</th></tr>")
+    for r in report.layers:
+        body.append(
+            f"<tr><td class='l'>{e(r.role)}</td><td class='l'>{e(r.tensor_a)}</td><td>{'×'.join(map(str, r.shape_a))}</td>"
+            f"<td>{_f(r.cosine)}</td><td>{_f(r.pearson)}</td><td>{_f(r.rel_l2, '.3g')}</td>"
+            f"<td>{'yes' if r.evidence else 'no'}</td></tr>"
+        )
+    body.append("</table>")
+    if report.only_a or report.only_b:
+        body.append(f"<p>Unpaired: {len(report.only_a)} tensors only in A, {len(report.only_b)} only in B.</p>")
+    return page(f"lineage: {report.a.ref} vs {report.b.ref}", "\n".join(body))

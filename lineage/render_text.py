@@ -1,0 +1,144 @@
+"""Terminal rendering of a :class:`~lineage.report.Report` (plain text, optional ANSI colour)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from lineage.report import Report, TensorRow
+
+_COLOURS = {"green": "32", "red": "31", "yellow": "33", "dim": "2", "bold": "1", "cyan": "36"}
+
+#: Columns of the per-layer grid, in display order.
+GRID_KINDS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+
+
+class Style:
+    """Applies ANSI colour when enabled."""
+
+    def __init__(self, colour: bool) -> None:
+        self.colour = colour
+
+    def __call__(self, text: str, *names: str) -> str:
+        if not self.colour or not names:
+            return text
+        codes = ";".join(_COLOURS[n] for n in names)
+        return f"\x1b[{codes}m{text}\x1b[0m"
+
+
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _pearson_style(style: Style, r: float | None, text: str) -> str:
+    if r is None:
+        return style(text, "dim")
+    if r >= 0.5:
+        return style(text, "green")
+    if r >= 0.05:
+        return style(text, "yellow")
+    return style(text, "dim")
+
+
+def render_text(report: Report, *, colour: bool = False, tensors: bool = False) -> str:
+    """The report as a human-readable table."""
+    s = Style(colour)
+    out: list[str] = []
+    for side, m in (("A", report.a), ("B", report.b)):
+        arch = ", ".join(
+            x
+            for x in (
+                m.family,
+                f"{m.n_layers} layers" if m.n_layers is not None else None,
+                f"hidden {m.hidden}" if m.hidden is not None else None,
+            )
+            if x
+        )
+        out.append(
+            f"{s(side, 'bold')}: {m.ref}  [{m.format}; {m.n_tensors} tensors; "
+            f"{_bytes(m.total_bytes)}{'; ' + arch if arch else ''}]"
+        )
+        for k, v in m.claims.items():
+            out.append(f"   claims {k}: {v}")
+    v = report.verdict
+    colour_name = {True: "green", False: "cyan", None: "yellow"}[v.derived]
+    p = "—" if v.log10_p is None else (f"{v.p_value:.3g}" if v.log10_p > -4 else f"1e{v.log10_p:.1f}")
+    out.append("")
+    out.append(f"{s('Verdict:', 'bold')} {s(v.relation.upper(), 'bold', colour_name)}   p = {p}")
+    out.append(f"  {v.summary}")
+    out.append(s(f"  null: {v.null}", "dim"))
+    if report.canon:
+        for t in report.canon.get("transforms", []) or []:
+            out.append(f"  undone: {t}")
+    if report.anatomy:
+        desc = report.anatomy.get("summary")
+        if desc:
+            out.append(f"  anatomy: {desc}")
+    out.append("")
+    out.extend(_grid(report, s))
+    if tensors:
+        out.append("")
+        out.extend(_tensor_table(report.layers, s))
+    if report.only_a or report.only_b:
+        out.append("")
+        out.append(
+            f"Unpaired tensors: {len(report.only_a)} only in A, {len(report.only_b)} only in B"
+            + (f" (e.g. {(report.only_a or report.only_b)[0]})")
+        )
+    for f in report.findings:
+        tag = {"error": "red", "warning": "yellow"}.get(f.severity, "dim")
+        where = f" [{f.model}{': ' + f.tensor if f.tensor else ''}]" if f.model else ""
+        out.append(s(f"{f.severity}:", tag) + f"{where} {f.message}")
+    return "\n".join(out) + "\n"
+
+
+def _grid(report: Report, s: Style) -> list[str]:
+    by_layer: dict[int, dict[str, TensorRow]] = defaultdict(dict)
+    globals_: list[TensorRow] = []
+    for row in report.layers:
+        if row.layer is None:
+            globals_.append(row)
+        elif row.role.endswith(".weight"):
+            by_layer[row.layer][row.kind] = row
+    lines = []
+    if by_layer:
+        kinds = [k for k in GRID_KINDS if any(k in d for d in by_layer.values())]
+        lines.append("Pearson correlation by layer (2-D weights; norms and biases are not evidence)")
+        lines.append("layer " + "".join(f"{k:>10}" for k in kinds))
+        for layer in sorted(by_layer):
+            cells = []
+            for k in kinds:
+                row = by_layer[layer].get(k)
+                r = row.pearson if row else None
+                cells.append(_pearson_style(s, r, f"{_fmt(r):>10}"))
+            lines.append(f"{layer:>5} " + "".join(cells))
+    if globals_:
+        lines.append("")
+        for row in globals_:
+            lines.append(
+                f"{row.role:<22} pearson {_fmt(row.pearson)}  cosine {_fmt(row.cosine)}  "
+                f"rel_l2 {_fmt(row.rel_l2, '.3g')}" + (f"  ({row.note})" if row.note else "")
+            )
+    return lines
+
+
+def _tensor_table(rows: tuple[TensorRow, ...], s: Style) -> list[str]:
+    head = f"{'role':<26}{'shape':>16}{'cosine':>10}{'pearson':>10}{'rel_l2':>10}  evidence"
+    lines = [s(head, "bold")]
+    for r in rows:
+        shape = "x".join(map(str, r.shape_a))
+        lines.append(
+            f"{r.role:<26}{shape:>16}{_fmt(r.cosine):>10}"
+            + _pearson_style(s, r.pearson, f"{_fmt(r.pearson):>10}")
+            + f"{_fmt(r.rel_l2, '.3g'):>10}  {'yes' if r.evidence else s('no', 'dim')}"
+            + (f"  {r.note}" if r.note else "")
+        )
+    return lines

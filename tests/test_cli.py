@@ -1,0 +1,59 @@
+"""The CLI: exit codes, JSON on stdout only, HTML file, errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lineage.cli import main
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(info.value.code or 0), out, err
+
+
+def test_compare_json(tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["compare", str(tiny_models["base"]), str(tiny_models["derived"]), "--json", "--no-canon"], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["verdict"]["derived"] is True
+
+
+def test_compare_text_and_html(tiny_models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    html = tmp_path / "r.html"
+    code, out, _ = run(["compare", str(tiny_models["base"]), str(tiny_models["unrelated"]), "--html", str(html), "--no-canon", "--tensors"], capsys)
+    assert code == 0
+    assert "Verdict:" in out and "UNRELATED" in out and "\x1b[" not in out
+    page = html.read_text()
+    assert "<svg" in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_expect_exit_codes(tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["compare", str(tiny_models["base"]), str(tiny_models["unrelated"]), "--no-canon"]
+    assert run(args + ["--expect", "unrelated"], capsys)[0] == 0
+    code, _, err = run(args + ["--expect", "derived"], capsys)
+    assert code == 1 and "expected derived" in err
+
+
+def test_bad_input_exit_2_without_traceback(tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\xff" * 16)
+    code, out, err = run(["compare", str(bad), str(tiny_models["base"])], capsys)
+    assert code == 2 and out == ""
+    assert str(bad) in err and "Traceback" not in err
+    code, _, err = run(["compare", str(tmp_path / "nope"), str(tiny_models["base"])], capsys)
+    assert code == 2 and "no such file" in err
+
+
+def test_debug_shows_traceback(tmp_path: Path, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["--debug", "compare", str(tmp_path / "nope"), str(tiny_models["base"])], capsys)
+    assert code == 2 and "Traceback" in err
+
+
+def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["compare", "only-one"], capsys)[0] == 2
