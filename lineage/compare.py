@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +47,15 @@ class CompareOptions:
     block_elems: int = 1 << 22
     canonicalise: bool = True
     prefetch: bool = True
+    #: Threads reducing blocks on the CPU (0: one per core).  Each runs torch single-threaded:
+    #: OpenMP intra-op threads spin and collapse under oversubscription.
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"device must be cpu, cuda or auto, not {self.device!r}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, not {self.workers}")
         if self.block_elems < 1024:
             raise ConfigError(f"block_elems must be at least 1024, not {self.block_elems}")
 
@@ -148,6 +156,57 @@ def _stream(
                 t.join(0.05)
 
 
+@contextmanager
+def _single_threaded_torch() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reduce_blocks(
+    ca: Checkpoint, cb: Checkpoint, jobs: list[_Job], opts: CompareOptions,
+    device: torch.device, progress: ProgressFn | None,
+) -> list[torch.Tensor]:
+    """Moment sums of every job, streamed block by block (blocks summed in order: deterministic)."""
+    total = sum(j.rows * ca.tensors[j.view_a.tensor].row_numel for j in jobs) or 1
+    moments = [torch.zeros(7, dtype=torch.float64) for _ in jobs]
+    done = 0
+
+    def reduce(i: int, xa: torch.Tensor, xb: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+        if xa.shape != xb.shape:
+            raise LineageError(f"internal: block shapes differ for {jobs[i].role}: {tuple(xa.shape)} vs {tuple(xb.shape)}")
+        if device.type != "cpu":
+            xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
+        return i, xa.numel(), pair_moments(xa, xb)
+
+    def collect(result: tuple[int, int, torch.Tensor]) -> None:
+        nonlocal done
+        i, n, m = result
+        moments[i] += m
+        done += n
+        if progress is not None:
+            progress(done, total, jobs[i].role)
+
+    blocks = _stream(ca, cb, jobs, opts.block_elems, opts.prefetch)
+    workers = opts.workers or (os.cpu_count() or 1)
+    if device.type != "cpu" or workers == 1:
+        for item in blocks:
+            collect(reduce(*item))
+        return moments
+    with _single_threaded_torch(), ThreadPoolExecutor(workers, thread_name_prefix="lineage-reduce") as pool:
+        pending: deque[Future[tuple[int, int, torch.Tensor]]] = deque()
+        for item in blocks:
+            pending.append(pool.submit(reduce, *item))
+            while len(pending) > workers:
+                collect(pending.popleft().result())
+        while pending:
+            collect(pending.popleft().result())
+    return moments
+
+
 def _summary(ckpt: Checkpoint, roles: RoleMap) -> ModelSummary:
     arch = roles.arch
     claims = {k: v for k, v in ckpt.metadata.items() if "base_model" in str(k)}
@@ -226,19 +285,8 @@ def _compare_open(
     pairing, jobs, rows_out, findings = _plan(ca, cb, ra, rb)
     if not jobs and not rows_out:
         log.warning("no tensors could be paired between %s and %s", ca.ref, cb.ref)
-    total = sum(j.rows * ca.tensors[j.view_a.tensor].row_numel for j in jobs) or 1
-    done = 0
-    moments = [torch.zeros(7, dtype=torch.float64) for _ in jobs]
     t_open = time.perf_counter()
-    for i, xa, xb in _stream(ca, cb, jobs, opts.block_elems, opts.prefetch):
-        if device.type != "cpu":
-            xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
-        if xa.shape != xb.shape:
-            raise LineageError(f"internal: block shapes differ for {jobs[i].role}: {tuple(xa.shape)} vs {tuple(xb.shape)}")
-        moments[i] += pair_moments(xa, xb)
-        done += xa.numel()
-        if progress is not None:
-            progress(done, total, jobs[i].role)
+    moments = _reduce_blocks(ca, cb, jobs, opts, device, progress)
     t_stream = time.perf_counter()
 
     evidence: list[MatrixEvidence] = []
