@@ -92,6 +92,29 @@ def compare(
 
 
 @cli.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Write the inspection as JSON to stdout.")
+@click.option("--tensors/--no-tensors", default=False, help="List every tensor.")
+@click.option("--download", is_flag=True, help="For Hub references: download files instead of range reads.")
+def inspect(ref: str, as_json: bool, tensors: bool, download: bool) -> int:
+    """Show what a model reference holds (format, tensors, roles, dtypes, claimed lineage) without comparing."""
+    import json
+
+    from lineage.inspect import inspect as run_inspect
+
+    if download:
+        os.environ["LINEAGE_HUB_DOWNLOAD"] = "1"
+    result = run_inspect(ref)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return 0
+    from lineage.render_text import render_inspect
+
+    click.echo(render_inspect(result, tensors=tensors), nl=False)
+    return 0
+
+
+@cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write the demo models (default: a cache folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as a JSON list.")
 @click.option("--color/--no-color", "colour", default=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from lineage.report import Report, TensorRow
 
@@ -142,3 +143,29 @@ def _tensor_table(rows: tuple[TensorRow, ...], s: Style) -> list[str]:
             + (f"  {r.note}" if r.note else "")
         )
     return lines
+
+
+def render_inspect(result: Any, *, tensors: bool = False) -> str:
+    """An :class:`~lineage.inspect.InspectResult` as text."""
+    out = [f"{result.ref}", f"  format     {result.format}", f"  files      {len(result.files)} ({_bytes(sum(f.size for f in result.files))})"]
+    out.append(f"  tensors    {len(result.tensors)}; {result.n_params:,} parameters; {_bytes(result.total_bytes)} of weights")
+    out.append("  dtypes     " + ", ".join(f"{k} {_bytes(v)}" for k, v in sorted(result.dtypes.items())))
+    if result.architecture:
+        arch = result.architecture
+        keys = ("family", "n_layers", "hidden", "n_heads", "n_kv_heads", "intermediate", "vocab", "norm", "mlp", "tied_embeddings")
+        out.append("  arch       " + ", ".join(f"{k}={arch.get(k)}" for k in keys if arch.get(k) is not None))
+    if result.vocab_size is not None:
+        out.append(f"  vocabulary {result.vocab_size} tokens")
+    if result.claims:
+        for c in result.claims:
+            out.append(f"  claims     {c.model}  (from {c.source})")
+    else:
+        out.append("  claims     none (no base_model metadata found)")
+    if result.unassigned:
+        out.append(f"  unassigned {len(result.unassigned)} tensors, e.g. {result.unassigned[0]}")
+    out.append(f"  bytes read {_bytes(result.bytes_read)}")
+    if tensors:
+        out.append("")
+        for t in result.tensors:
+            out.append(f"  {t.name:<50} {t.dtype:>6} {'x'.join(map(str, t.shape)):>16}  {', '.join(t.roles)}")
+    return "\n".join(out) + "\n"

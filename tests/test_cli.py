@@ -57,3 +57,10 @@ def test_debug_shows_traceback(tmp_path: Path, tiny_models: dict[str, Path], cap
 
 def test_usage_error_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["compare", "only-one"], capsys)[0] == 2
+
+
+def test_inspect(tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["inspect", str(tiny_models["base"]), "--tensors"], capsys)
+    assert code == 0 and "safetensors" in out and "L0.attn.q.weight" in out and "family=llama" in out
+    code, out, _ = run(["inspect", str(tiny_models["gpt2_base"]), "--json"], capsys)
+    assert code == 0 and json.loads(out)["format"] == "safetensors"

@@ -1,0 +1,175 @@
+"""PyTorch ``.bin`` / ``.pt`` / ``.pth`` state dicts, loaded with ``weights_only=True`` only.
+
+``torch.load(..., weights_only=True)`` uses torch's restricted unpickler, which never
+calls arbitrary ``__reduce__`` callables; with the zip format the file is memory-mapped
+(``mmap=True``) so tensors are paged in only as rows are read.  Anything but a flat
+mapping of names to tensors is refused, as is anything torch's safe loader refuses.
+Sharded checkpoints use ``pytorch_model.bin.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import threading
+import zipfile
+from pathlib import Path
+
+import torch
+
+from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
+from lineage.io.checkpoint import Checkpoint, TensorMeta, load_config
+from lineage.io.dtypes import TORCH_TO_NAME
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".bin", ".pt", ".pth")
+INDEX = "pytorch_model.bin.index.json"
+
+
+class _FileAccount:
+    """A ByteSource-shaped record of one loaded file: its size and the bytes handed out."""
+
+    def __init__(self, path: Path) -> None:
+        self.name = str(path)
+        self.size = path.stat().st_size
+        self._n = 0
+        self._lock = threading.Lock()
+
+    @property
+    def bytes_read(self) -> int:
+        return self._n
+
+    def count(self, n: int) -> None:
+        with self._lock:
+            self._n += n
+
+    def read(self, offset: int, length: int) -> bytes:
+        with open(self.name, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+        if len(data) != length:
+            raise CheckpointError(f"short read at offset {offset}", path=self.name)
+        self.count(length)
+        return data
+
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        buffer.cast("B")[:] = self.read(offset, buffer.nbytes)
+
+    def close(self) -> None:
+        pass
+
+
+class TorchReader:
+    """Rows of tensors held by a (memory-mapped) loaded state dict."""
+
+    def __init__(self, state: dict[str, torch.Tensor], account: _FileAccount) -> None:
+        self.state = state
+        self.account = account
+
+    def read_rows(self, meta: TensorMeta, start: int, stop: int) -> torch.Tensor:
+        t = self.state[meta.name]
+        out = t[start:stop] if t.dim() >= 2 else t
+        out = out.contiguous().clone()
+        self.account.count(out.numel() * out.element_size())
+        return out
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` with ``weights_only=True`` (mmap when the file is a zip), validated."""
+    mmap = zipfile.is_zipfile(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsupportedFormatError(
+            "refused: the file is not a plain weights-only state dict (its pickle asks for "
+            f"objects torch's safe loader does not allow: {str(e).splitlines()[0][:200]})",
+            path=str(path),
+        ) from e
+    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError) as e:
+        raise HeaderError(f"cannot load as a PyTorch checkpoint: {e}", path=str(path)) from e
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict) \
+            and all(not isinstance(v, torch.Tensor) for k, v in obj.items() if k != "state_dict"):
+        log.info("%s: using the nested 'state_dict' entry", path)
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UnsupportedFormatError(
+            f"expected a state dict (name → tensor), found {type(obj).__name__}", path=str(path)
+        )
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        k = bad[0]
+        raise UnsupportedFormatError(
+            f"expected a plain state dict of tensors, but entry {k!r} is "
+            f"{type(obj[k]).__name__}",
+            path=str(path),
+        )
+    return dict(obj)
+
+
+def open_torch_files(ref: str, paths: list[Path]) -> Checkpoint:
+    """A checkpoint over one or more loaded state-dict files."""
+    tensors: dict[str, TensorMeta] = {}
+    readers: dict[str, TorchReader] = {}
+    accounts = []
+    for path in paths:
+        state = load_state_dict(path)
+        acct = _FileAccount(path)
+        accounts.append(acct)
+        reader = TorchReader(state, acct)
+        for i, (name, t) in enumerate(state.items()):
+            if name in tensors:
+                raise ShardError(f"tensor {name!r} appears in both {tensors[name].file} and {path}",
+                                 path=ref)
+            if t.dtype not in TORCH_TO_NAME:
+                raise UnsupportedFormatError(f"tensor {name!r} has unsupported dtype {t.dtype}",
+                                             path=str(path))
+            tensors[name] = TensorMeta(name, TORCH_TO_NAME[t.dtype], tuple(t.shape),
+                                       t.numel() * t.element_size(), str(path), i)
+            readers[name] = reader
+    return Checkpoint(ref, "torch", tensors, readers, accounts)
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(wm.values()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ShardError(f"shard index has no valid 'weight_map' ({e})", path=str(index)) from e
+    out = []
+    for n in names:
+        if not isinstance(n, str) or os.path.sep in os.path.normpath(n) or n.startswith(".."):
+            raise ShardError(f"shard index names a file outside the folder: {n!r}", path=str(index))
+        p = index.parent / n
+        if not p.is_file():
+            raise ShardError(f"shard index names missing shard {n!r}", path=str(index))
+        out.append(p)
+    return out
+
+
+def open_torchbin(ref: str) -> Checkpoint | None:
+    """Opener: a ``.bin``/``.pt``/``.pth`` file, or a folder with ``pytorch_model.bin[.index.json]``."""
+    p = Path(ref)
+    if p.is_file() and p.suffix in SUFFIXES:
+        folder, files = p.parent, [p]
+    elif p.is_file() and p.name == INDEX:
+        folder, files = p.parent, _shards(p)
+    elif p.is_dir() and (p / INDEX).is_file():
+        folder, files = p, _shards(p / INDEX)
+    elif p.is_dir() and (p / "pytorch_model.bin").is_file():
+        folder, files = p, [p / "pytorch_model.bin"]
+    else:
+        return None
+    ck = open_torch_files(ref, files)
+    ck.config = load_config(folder)
+    if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
+        ck.tokenizer_dir = str(folder)
+    if p.is_dir() and (p / INDEX).is_file():
+        wm = json.loads((p / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        absent = [t for t in wm if t not in ck.tensors]
+        if absent:
+            raise ShardError(f"{len(absent)} tensor(s) listed in the index are absent from the "
+                             f"shards, e.g. {absent[0]!r}", path=ref)
+    return ck
