@@ -49,3 +49,13 @@ def test_helpers() -> None:
     assert fisher_z(0.0, 100) == 0.0
     assert combined_log10_p([]) == 0.0
     assert combined_log10_p([40.0]) < -300
+
+
+def test_log10_norm_sf_matches_scipy_across_the_tail() -> None:
+    from scipy import special
+
+    from lineage.verdict import log10_norm_sf
+
+    for z in (-5.0, 0.0, 1.0, 3.0, 10.0, 29.9, 30.0, 31.0, 60.0, 500.0):
+        ref = float(special.log_ndtr(-z)) / 2.302585092994046
+        assert abs(log10_norm_sf(z) - ref) < 1e-8 * max(1.0, abs(ref)), z
