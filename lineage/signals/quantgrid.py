@@ -1,0 +1,263 @@
+"""Does a tensor sit on a quantisation grid, and which one?
+
+Quantised weights, once dequantised to float, keep a tell-tale structure: inside
+each group (a row, or a block of 32/64/128/256 consecutive values of a row) every
+value is ``offset + step · q`` for small integers ``q``.  From the child's values
+alone this module finds, per group, the coarsest step that puts every value on
+an integer lattice, trying the steps the common formats imply
+(``absmax/127`` int8 symmetric, ``absmax/7`` int4 symmetric, ``absmax/8`` GGUF
+Q4_0, ``(max−min)/15`` and ``(max−min)/255`` with a zero point) and, as a
+fallback, the smallest gap between sorted distinct values divided by 1…4.  The
+largest group size on which ≥ 99 % of groups are on a lattice with few levels
+wins, and the format is named from the group size, the number of levels, whether
+zero is on the lattice and how the extreme value maps (Q8_0, Q4_0, Q4_1, Q4_K,
+int8-per-row, int4-g128-sym, …).  A float32 tensor that is merely stored in bf16
+or fp16 is reported as that float grid.
+
+Given the parent, ``error_ratio`` is the RMS of ``child − parent`` divided by
+the RMS a round-to-nearest quantiser of that step produces (``step/√12``), and
+``frac_within_half_step`` the fraction of entries whose error is at most half a
+step: about 1 and 1 for a quantised copy, well above 1 for a quantised fine-tune.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lineage.signals.lowrank import float_grid
+
+log = logging.getLogger(__name__)
+
+#: Group sizes tried (besides the whole row), largest first.
+GROUP_SIZES: tuple[int, ...] = (256, 128, 64, 32, 16)
+PASS_RATE = 0.99
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """Result for one tensor (see module docstring)."""
+
+    on_grid: bool
+    format: str | None
+    bits: int | None
+    group_size: int | None
+    symmetric: bool | None
+    float_grid: str
+    pass_rate: float
+    levels_mean: float | None
+    rows_examined: int
+    error_ratio: float | None = None
+    frac_within_half_step: float | None = None
+    consistent_with_parent: bool | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _candidates(v: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, step, offset) per group for every candidate lattice; v is (groups, g)."""
+    vmax = v.amax(1)
+    vmin = v.amin(1)
+    amax = torch.maximum(vmax.abs(), vmin.abs())
+    zero = torch.zeros_like(amax)
+    out = [
+        ("sym127", amax / 127, zero),
+        ("sym7", amax / 7, zero),
+        ("q4_0", amax / 8, zero),
+        ("asym15", (vmax - vmin) / 15, vmin),
+        ("asym255", (vmax - vmin) / 255, vmin),
+    ]
+    s, _ = torch.sort(v, dim=1)
+    gaps = s[:, 1:] - s[:, :-1]
+    tol = 1e-5 * amax.clamp_min(1e-30)
+    big = torch.where(gaps > tol[:, None], gaps, torch.full_like(gaps, math.inf))
+    g0 = big.amin(1)
+    g0 = torch.where(torch.isfinite(g0), g0, amax)
+    for k in (1, 2, 3, 4):
+        out.append((f"gap/{k}", g0 / k, vmin))
+    return out
+
+
+def _on_lattice(v: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, rel_tol: float):
+    """Per group: every value within tolerance of offset + step·integer; also the level span."""
+    safe = step.clamp_min(1e-30)[:, None]
+    q = (v - offset[:, None]) / safe
+    err = (q - torch.round(q)).abs()
+    tol = (2e-3 + rel_tol * q.abs()).clamp_max(0.05)
+    ok = (err <= tol).all(1) & (step > 0)
+    span = torch.round(q.amax(1) - q.amin(1)) + 1
+    return ok, span, q
+
+
+def _sample_rows(x: torch.Tensor, max_rows: int) -> torch.Tensor:
+    if x.shape[0] <= max_rows:
+        return x
+    idx = torch.linspace(0, x.shape[0] - 1, max_rows).round().long()
+    return x[idx]
+
+
+def _name(g: int | None, row: bool, bits: int, scheme: str, superblock_ok: bool) -> str:
+    if row:
+        base = f"int{bits}-per-row"
+        return base if scheme != "asym" else base + "-asym"
+    if g == 32 and bits == 8 and scheme == "sym":
+        return "Q8_0"
+    if g == 32 and bits == 4 and scheme == "q4_0":
+        return "Q4_0"
+    if g == 32 and bits == 4 and scheme == "asym":
+        return "Q4_K" if superblock_ok else "Q4_1"
+    return f"int{bits}-g{g}-{'sym' if scheme in ('sym', 'q4_0') else 'asym'}"
+
+
+def _analyse_groups(x: torch.Tensor, g: int, rel_tol: float):
+    v = x.reshape(-1, g)
+    best_ok = torch.zeros(v.shape[0], dtype=torch.bool)
+    best_step = torch.zeros(v.shape[0])
+    best_span = torch.full((v.shape[0],), math.inf)
+    kinds = torch.full((v.shape[0],), -1, dtype=torch.long)
+    cands = _candidates(v)
+    for ci, (name, step, off) in enumerate(cands):
+        ok, span, _ = _on_lattice(v, step, off, rel_tol)
+        better = ok & (~best_ok | (step > best_step * (1 + 1e-4)))
+        best_ok |= ok
+        best_step = torch.where(better, step, best_step)
+        best_span = torch.where(better, span, best_span)
+        kinds = torch.where(better, torch.full_like(kinds, ci), kinds)
+    names = [c[0] for c in cands]
+    # Groups need at least 3 distinct levels to count as evidence of a lattice.
+    distinct = (torch.sort(v, 1).values.diff(dim=1).abs() > 1e-7 * v.abs().amax(1, keepdim=True)
+                ).sum(1) + 1
+    informative = distinct >= 3
+    return best_ok, best_step, best_span, kinds, names, informative, distinct
+
+
+def detect_grid(
+    child: torch.Tensor,
+    parent: torch.Tensor | None = None,
+    *,
+    max_rows: int = 256,
+) -> QuantGrid:
+    """Detect the quantisation grid of ``child`` (2-D, float) and compare with ``parent``."""
+    x = child.detach().to(torch.float32)
+    if x.dim() == 1:
+        x = x.reshape(1, -1)
+    if x.dim() != 2:
+        x = x.reshape(x.shape[0], -1)
+    fg = float_grid(x)
+    xs = _sample_rows(x, max_rows)
+    m, n = xs.shape
+    # stored values and the inferred step each carry one rounding of the float format
+    rel_tol = {"bf16": 2.0**-7, "fp16": 2.0**-10}.get(fg, 2.0**-20)
+    none = QuantGrid(False, fg if fg != "fp32" else None, None, None, None, fg, 0.0, None, m)
+    if n < 16 or x.numel() < 64 or not bool(torch.isfinite(xs).all()):
+        return none
+    sizes = [n] + [g for g in GROUP_SIZES if g < n and n % g == 0]
+    chosen = None
+    probe = xs[:: max(1, m // 8)]
+    for g in sizes:
+        # cheap screen on a few rows before the full test
+        pok, _, _, _, _, pinf, _ = _analyse_groups(probe, g, rel_tol)
+        if int(pinf.sum()) == 0 or float(pok[pinf].float().mean()) < 0.5:
+            continue
+        ok, step, span, kinds, names, informative, distinct = _analyse_groups(xs, g, rel_tol)
+        if int(informative.sum()) < max(1, informative.numel() // 2):
+            continue
+        okf = ok[informative]
+        rate = float(okf.float().mean())
+        spans = span[informative & ok]
+        if rate >= PASS_RATE and spans.numel():
+            levels = float(torch.quantile(spans.float(), 0.99)) if spans.numel() > 1 else float(spans[0])
+            if levels <= 256:
+                chosen = (g, rate, step, span, kinds, names, informative, distinct, levels)
+                break
+    if chosen is None:
+        return none
+    g, rate, step, span, kinds, names, informative, distinct, levels = chosen
+    bits = 8 if levels > 16 else (4 if levels > 8 else (3 if levels > 4 else 2))
+    sel = kinds[informative & (kinds >= 0)].tolist()
+    top = Counter(names[i] for i in sel).most_common(1)[0][0] if sel else "gap/1"
+    if top in ("sym127", "sym7"):
+        scheme = "sym"
+    elif top == "q4_0":
+        scheme = "q4_0"
+    else:
+        # Zero on the lattice with a symmetric range still counts as symmetric.
+        v = xs.reshape(-1, g)
+        q0 = v / step.clamp_min(1e-30)[:, None]
+        on0 = ((q0 - q0.round()).abs() <= (2e-3 + rel_tol * q0.abs()).clamp_max(0.05)).all(1)
+        scheme = "sym" if float(on0[informative].float().mean()) >= PASS_RATE else "asym"
+    # A row as short as a standard block (32, 64, …) cannot be told from one block
+    # per row; name it as the block format (what such checkpoints almost always are).
+    row = g == n and n not in GROUP_SIZES
+    superblock_ok = False
+    if g == 32 and scheme == "asym" and n % 256 == 0:
+        sub = step.reshape(-1, 8)
+        dsc = sub / sub.amax(1, keepdim=True).clamp_min(1e-30) * 63
+        superblock_ok = float(((dsc - dsc.round()).abs() < 2e-2).float().mean()) >= PASS_RATE
+    fmt = _name(g, row, bits, scheme, superblock_ok)
+    if row:
+        per_row_step = step
+        if float((per_row_step.max() - per_row_step.min()) / per_row_step.max().clamp_min(1e-30)) < 1e-5 \
+                and x.shape[0] > 1:
+            fmt = fmt.replace("per-row", "per-tensor")
+    res = dict(on_grid=True, format=fmt, bits=bits, group_size=g, symmetric=scheme != "asym",
+               float_grid=fg, pass_rate=rate, levels_mean=float(distinct[informative].float().mean()),
+               rows_examined=m)
+    if parent is not None:
+        res.update(_parent_error(x, parent.detach().to(torch.float32).reshape(x.shape), g, max_rows,
+                                 rel_tol))
+    return QuantGrid(**res)
+
+
+def _parent_error(x: torch.Tensor, p: torch.Tensor, g: int, max_rows: int, rel_tol: float):
+    xs = _sample_rows(x, max_rows)
+    ps = _sample_rows(p, max_rows)
+    ok, step, _, _, _, informative, _ = _analyse_groups(xs, g, rel_tol)
+    err = (xs - ps).reshape(-1, g)
+    st = step[:, None].expand_as(err)
+    expected = float((st.double() ** 2).sum() / 12.0)
+    ratio = math.sqrt(float((err.double() ** 2).sum()) / expected) if expected > 0 else None
+    within = float((err.abs() <= st * 0.5 * (1 + 1e-3) + 1e-7 * xs.reshape(-1, g).abs()).float().mean())
+    consistent = ratio is not None and ratio <= 1.5 and within >= 0.99
+    return dict(error_ratio=ratio, frac_within_half_step=within, consistent_with_parent=consistent)
+
+
+@dataclass(frozen=True)
+class QuantSummary:
+    """Across modules: the majority format and how many modules carry it."""
+
+    format: str | None
+    fraction_on_grid: float
+    fraction_consistent: float | None
+    formats: dict[str, str | None]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def detect_modules(pairs: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]],
+                   max_rows: int = 128) -> tuple[dict[str, QuantGrid], QuantSummary]:
+    """Run :func:`detect_grid` on ``role -> (parent or None, child)`` (2-D tensors only)."""
+    res = {k: detect_grid(c, p, max_rows=max_rows) for k, (p, c) in pairs.items() if c.dim() == 2}
+    if not res:
+        return res, QuantSummary(None, 0.0, None, {})
+    on = [r for r in res.values() if r.on_grid]
+    # weight by row length: long rows tell block formats from per-row ones
+    votes: Counter = Counter()
+    for k, r in res.items():
+        if r.on_grid:
+            votes[r.format] += pairs[k][1].shape[-1] * pairs[k][1].shape[0]
+    fmt = votes.most_common(1)[0][0] if on else None
+    cons = [r.consistent_with_parent for r in res.values() if r.consistent_with_parent is not None]
+    return res, QuantSummary(
+        format=fmt,
+        fraction_on_grid=len(on) / len(res),
+        fraction_consistent=(sum(cons) / len(cons)) if cons else None,
+        formats={k: (r.format if r.on_grid else None) for k, r in res.items()},
+    )

@@ -1,0 +1,278 @@
+"""Family trees from pairwise relatedness and direction evidence.
+
+Each model is a node; a virtual root connects to every node at a cost higher
+than any related edge, so every family gets exactly one root.  For a related
+pair (u, v) with distance d (smaller = closer, e.g. the relative delta norm) the
+candidate edges u→v and v→u both cost d, plus ``direction_weight · confidence``
+on the edge that goes *against* the direction evidence.  The minimum spanning
+arborescence (Chu–Liu/Edmonds, implemented here) then picks one parent per
+model.  Unrelated pairs have no edge, so unrelated families become separate
+trees under the virtual root.
+
+Output: :class:`Tree` with typed edges, ``to_dict()``, :func:`render_text` and
+:func:`render_html` (a self-contained SVG drawing).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+
+ROOT = "__root__"
+
+
+@dataclass(frozen=True)
+class Link:
+    """Pairwise evidence between models ``a`` and ``b``."""
+
+    a: str
+    b: str
+    related: bool
+    distance: float
+    parent: str | None = None      # name of the side believed to be the parent, or None
+    confidence: float = 0.0        # of the direction, in [0, 1]
+    relation: str = "related"      # edge type (fine-tune, lora merge, quantised copy, ...)
+
+
+@dataclass(frozen=True)
+class Edge:
+    parent: str
+    child: str
+    relation: str
+    distance: float
+    confidence: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Tree:
+    nodes: tuple[str, ...]
+    roots: tuple[str, ...]
+    edges: tuple[Edge, ...]
+    cost: float = 0.0
+    families: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+
+    def parent_of(self, name: str) -> str | None:
+        for e in self.edges:
+            if e.child == name:
+                return e.parent
+        return None
+
+    def children_of(self, name: str) -> list[str]:
+        return sorted(e.child for e in self.edges if e.parent == name)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"nodes": list(self.nodes), "roots": list(self.roots),
+                "edges": [e.to_dict() for e in self.edges], "cost": self.cost,
+                "families": [list(f) for f in self.families]}
+
+
+# ----------------------------------------------------------------------------- Chu–Liu/Edmonds
+
+
+def min_arborescence(nodes: Sequence[str], edges: Mapping[tuple[str, str], float], root: str
+                     ) -> dict[str, str]:
+    """Minimum-cost spanning arborescence rooted at ``root``.
+
+    ``edges`` maps (u, v) to the cost of u → v.  Returns ``child -> parent`` for
+    every node except the root.  Raises ValueError when some node is unreachable.
+    """
+    nodes = list(nodes)
+    # best incoming edge for each node
+    best: dict[str, tuple[float, str]] = {}
+    for (u, v), c in edges.items():
+        if v == root or u == v:
+            continue
+        if v not in best or c < best[v][0] or (c == best[v][0] and u < best[v][1]):
+            best[v] = (c, u)
+    for v in nodes:
+        if v != root and v not in best:
+            raise ValueError(f"min_arborescence: node {v!r} has no incoming edge")
+    parent = {v: best[v][1] for v in best}
+    # find a cycle
+    cycle = None
+    for start in nodes:
+        seen = []
+        v = start
+        while v != root and v not in seen and v in parent:
+            seen.append(v)
+            v = parent[v]
+        if v != root and v in seen:
+            cycle = seen[seen.index(v):]
+            break
+    if cycle is None:
+        return parent
+    cyc = set(cycle)
+    new = f"__cycle{len(nodes)}_{cycle[0]}__"
+    contracted: dict[tuple[str, str], float] = {}
+    origin: dict[tuple[str, str], tuple[str, str]] = {}
+    for (u, v), c in edges.items():
+        if u in cyc and v in cyc:
+            continue
+        if v in cyc:
+            key, cost = (u, new), c - best[v][0]
+        elif u in cyc:
+            key, cost = (new, v), c
+        else:
+            key, cost = (u, v), c
+        if key not in contracted or cost < contracted[key]:
+            contracted[key] = cost
+            origin[key] = (u, v)
+    sub_nodes = [x for x in nodes if x not in cyc] + [new]
+    sub = min_arborescence(sub_nodes, contracted, root)
+    result: dict[str, str] = {}
+    for v, p in sub.items():
+        u0, v0 = origin[(p, v)]
+        if v == new:
+            result[v0] = u0          # the edge entering the cycle
+        else:
+            result[v] = u0 if p == new else p
+    for v in cycle:
+        if v not in result:
+            result[v] = parent[v]
+    return result
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def build_tree(
+    names: Sequence[str],
+    pairwise: Sequence[Link] | Mapping[tuple[str, str], Link],
+    *,
+    direction_weight: float = 1.0,
+    root_cost: float | None = None,
+) -> Tree:
+    """Family tree of ``names`` from pairwise :class:`Link` evidence."""
+    links = list(pairwise.values()) if isinstance(pairwise, Mapping) else list(pairwise)
+    names = list(dict.fromkeys(names))
+    known = set(names)
+    edges: dict[tuple[str, str], float] = {}
+    info: dict[tuple[str, str], Link] = {}
+    rel = [lk for lk in links if lk.related and lk.a in known and lk.b in known and lk.a != lk.b]
+    top = max((lk.distance + direction_weight for lk in rel), default=1.0)
+    rc = root_cost if root_cost is not None else 10.0 * top + 1.0
+    for lk in rel:
+        for u, v in ((lk.a, lk.b), (lk.b, lk.a)):
+            c = lk.distance
+            if lk.parent is not None and lk.parent != u:
+                c += direction_weight * lk.confidence
+            elif lk.parent is None:
+                c += 0.5 * direction_weight * 1e-3  # undecided: keep ties deterministic
+            if (u, v) not in edges or c < edges[(u, v)]:
+                edges[(u, v)] = c
+                info[(u, v)] = lk
+    # root edges: prefer as family root the model that the evidence calls a parent most
+    for v in names:
+        as_child = sum(lk.confidence for lk in rel if lk.parent is not None and v in (lk.a, lk.b)
+                       and lk.parent != v)
+        edges[(ROOT, v)] = rc + direction_weight * as_child
+    par = min_arborescence([ROOT] + names, edges, ROOT)
+    out_edges = []
+    roots = []
+    cost = 0.0
+    for v in names:
+        p = par[v]
+        cost += edges[(p, v)]
+        if p == ROOT:
+            roots.append(v)
+            continue
+        lk = info[(p, v)]
+        out_edges.append(Edge(p, v, lk.relation, lk.distance,
+                              lk.confidence if lk.parent == p else 0.0 if lk.parent is None
+                              else -lk.confidence))
+    fams = []
+    for r in roots:
+        fam, stack = [], [r]
+        while stack:
+            x = stack.pop()
+            fam.append(x)
+            stack.extend(e.child for e in out_edges if e.parent == x)
+        fams.append(tuple(sorted(fam)))
+    log.debug("tree: %d nodes, %d roots, cost %.4g", len(names), len(roots), cost)
+    return Tree(tuple(names), tuple(roots), tuple(out_edges), cost - rc * len(roots), tuple(fams))
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def render_text(tree: Tree) -> str:
+    """Indented text drawing, one family after another."""
+    lines: list[str] = []
+
+    def walk(node: str, prefix: str, last: bool, edge: Edge | None, top: bool) -> None:
+        label = node if edge is None else f"{node}  [{edge.relation}, d={edge.distance:.3g}]"
+        lines.append(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
+        kids = [e for e in tree.edges if e.parent == node]
+        kids.sort(key=lambda e: e.child)
+        sub = prefix if top else prefix + ("    " if last else "│   ")
+        for i, e in enumerate(kids):
+            walk(e.child, sub, i == len(kids) - 1, e, False)
+
+    for r in tree.roots:
+        walk(r, "", True, None, True)
+    return "\n".join(lines)
+
+
+def _layout(tree: Tree) -> dict[str, tuple[float, int]]:
+    pos: dict[str, tuple[float, int]] = {}
+    slot = [0]
+
+    def place(node: str, depth: int) -> float:
+        kids = tree.children_of(node)
+        if not kids:
+            x = float(slot[0])
+            slot[0] += 1
+        else:
+            xs = [place(k, depth + 1) for k in kids]
+            x = (xs[0] + xs[-1]) / 2
+        pos[node] = (x, depth)
+        return x
+
+    for r in tree.roots:
+        place(r, 0)
+        slot[0] += 0.5
+    return pos
+
+
+def render_html(tree: Tree, title: str = "lineage family tree") -> str:
+    """A self-contained HTML page with the tree drawn as inline SVG."""
+    pos = _layout(tree)
+    dx, dy, mx, my = 170, 90, 90, 50
+    width = int(max((x for x, _ in pos.values()), default=0) * dx + 2 * mx)
+    height = int(max((d for _, d in pos.values()), default=0) * dy + 2 * my)
+    colours = {"fine-tune": "#1f77b4", "lora merge": "#2ca02c", "quantised copy": "#9467bd",
+               "continued pre-training": "#d62728", "merge": "#ff7f0e", "pruned": "#8c564b",
+               "identical": "#7f7f7f"}
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             '<defs><marker id="arr" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
+             'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>']
+
+    def xy(n: str) -> tuple[float, float]:
+        x, d = pos[n]
+        return mx + x * dx, my + d * dy
+
+    for e in tree.edges:
+        (x1, y1), (x2, y2) = xy(e.parent), xy(e.child)
+        col = colours.get(e.relation, "#555")
+        parts.append(f'<line x1="{x1:.1f}" y1="{y1 + 14:.1f}" x2="{x2:.1f}" y2="{y2 - 16:.1f}" '
+                     f'stroke="{col}" stroke-width="2" marker-end="url(#arr)"/>')
+        parts.append(f'<text x="{(x1 + x2) / 2 + 4:.1f}" y="{(y1 + y2) / 2:.1f}" fill="{col}">'
+                     f'{html.escape(e.relation)}</text>')
+    for n in tree.nodes:
+        x, y = xy(n)
+        parts.append(f'<rect x="{x - 75:.1f}" y="{y - 14:.1f}" width="150" height="28" rx="6" '
+                     f'fill="#f4f4f4" stroke="#333"/>')
+        parts.append(f'<text x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle">'
+                     f'{html.escape(n if len(n) <= 22 else n[:20] + "…")}<title>{html.escape(n)}</title></text>')
+    parts.append("</svg>")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title)
+            + "</title></head><body><h1>" + html.escape(title) + "</h1>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
