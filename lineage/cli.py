@@ -55,11 +55,12 @@ def cli(debug: bool, verbose: int) -> None:
 @click.option("--expect", type=click.Choice(["derived", "unrelated"]), help="Exit 1 unless the verdict agrees (for CI).")
 @click.option("--tensors", is_flag=True, help="Also print the per-tensor table.")
 @click.option("--no-canon", is_flag=True, help="Skip canonicalisation (element-wise comparison only).")
+@click.option("--adapter", "adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter folder: verify B = A + adapter.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--color/--no-color", "colour", default=None, help="Colour the terminal output (default: when a terminal).")
 def compare(
     a: str, b: str, as_json: bool, html_path: str | None, device: str, expect: str | None,
-    tensors: bool, no_canon: bool, no_progress: bool, colour: bool | None,
+    tensors: bool, no_canon: bool, adapter: str | None, no_progress: bool, colour: bool | None,
 ) -> int:
     """Compare model A (reference) with model B and give a lineage verdict."""
     from lineage.compare import CompareOptions
@@ -71,6 +72,12 @@ def compare(
     finally:
         if bar is not None:
             bar.close()
+    if adapter is not None:
+        import dataclasses
+
+        from lineage.adaptercheck import check_adapter
+
+        report = dataclasses.replace(report, adapter_check=check_adapter(a, b, adapter).to_dict())
     if as_json:
         click.echo(report.to_json())
     else:
@@ -111,6 +118,62 @@ def inspect(ref: str, as_json: bool, tensors: bool, download: bool) -> int:
     from lineage.render_text import render_inspect
 
     click.echo(render_inspect(result, tensors=tensors), nl=False)
+    return 0
+
+
+@cli.command()
+@click.argument("child")
+@click.option("--parents", "-p", multiple=True, required=True, help="A candidate parent (repeat the option).")
+@click.option("--base", help="The parents' common base (task vectors are taken relative to it).")
+@click.option("--json", "as_json", is_flag=True, help="Write the fit as JSON to stdout.")
+def merge(child: str, parents: tuple[str, ...], base: str | None, as_json: bool) -> int:
+    """Fit CHILD as a merge of PARENTS: per-module mixing weights with their uncertainty."""
+    import json
+
+    from lineage.mergefit import fit_merge_models
+
+    fit = fit_merge_models(child, list(parents), base)
+    d = fit.to_dict()
+    if as_json:
+        d.pop("per_module", None)
+        click.echo(json.dumps({"schema": "lineage.merge/1", "child": child, "parents": list(parents), "base": base, **d}, indent=2))
+        return 0
+    click.echo(f"child {child}")
+    for p, w, sd in zip(parents, fit.weights, fit.weights_std):
+        click.echo(f"  {w:7.3f} ± {sd:.3f}  {p}")
+    if fit.t is not None:
+        click.echo(f"  SLERP t = {fit.t:.3f}" + (f" ± {fit.t_std:.3f}" if fit.t_std is not None else ""))
+    click.echo(f"method {fit.method}; residual {fit.residual:.3g}; {'explains the child' if fit.explains else 'does NOT explain the child'}")
+    return 0
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Write the tree and pairwise links as JSON to stdout.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write a drawn tree as HTML.")
+@click.option("--no-progress", is_flag=True)
+def tree(models: tuple[str, ...], as_json: bool, html_path: str | None, no_progress: bool) -> int:
+    """Family tree of MODELS: which derives from which, with edge types."""
+    import json
+
+    from lineage.family import family_tree
+    from lineage.tree import render_html as tree_html
+    from lineage.tree import render_text as tree_text
+
+    if len(models) < 2:
+        raise click.UsageError("give at least two models")
+    bar = _progress(no_progress)
+    try:
+        result = family_tree(list(models), progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(tree_text(result.tree), nl=False)
+    if html_path:
+        Path(html_path).write_text(tree_html(result.tree), encoding="utf-8")
     return 0
 
 

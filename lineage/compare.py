@@ -28,7 +28,7 @@ from lineage.pairing import RoleMap, pair_models, read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import Similarity, similarity_from_moments
-from lineage.verdict import MatrixEvidence, decide
+from lineage.verdict import MatrixEvidence, decide, decide_canonical
 from lineage_kernels.moments import pair_moments
 
 log = logging.getLogger(__name__)
@@ -313,7 +313,23 @@ def _compare_open(
                 MatrixEvidence(job.role, job.rows, shape_a[1], sim.pearson or 0.0, sim.rel_l2, sim.identical and job.full)
             )
     rows_out.sort(key=lambda r: (-1 if r.layer is None else r.layer, r.role))
-    verdict = decide(evidence, n_unmatched=len(pairing.only_a) + len(pairing.only_b))
+    width_changes = {r.role: (r.shape_a, r.shape_b) for r in rows_out if r.shape_a != r.shape_b}
+    verdict = decide(evidence, n_unmatched=len(pairing.only_a) + len(pairing.only_b) + len(width_changes))
+    canon_dict: dict[str, Any] | None = None
+    anatomy_dict: dict[str, Any] | None = None
+    nonfinite = any(f.severity == "error" and "NaN" in f.message for f in findings)
+    if nonfinite and opts.canonicalise:
+        findings.append(Finding("warning", "canonicalisation skipped: non-finite weights; element-wise verdict only"))
+    if opts.canonicalise and not nonfinite and verdict.relation not in ("identical", "not comparable"):
+        canon, problem = _canonical(ca, cb, ra, rb, progress)
+        if problem is not None:
+            findings.append(problem)
+        if canon is not None:
+            canon_dict = canon.to_dict()
+            anatomy_dict = _anatomy(ca, cb, pairing, verdict, canon.log10_p, findings, ra, rb, canon, width_changes)
+            verdict = decide_canonical(verdict, canon.log10_p, canon.transforms, anatomy_dict)
+    elif verdict.relation != "identical" and not opts.canonicalise:
+        anatomy_dict = _anatomy(ca, cb, pairing, verdict, verdict.log10_p, findings, ra, rb, None, width_changes)
     t_end = time.perf_counter()
     return Report(
         a=_summary(ca, ra),
@@ -323,8 +339,103 @@ def _compare_open(
         only_a=tuple(pairing.only_a),
         only_b=tuple(pairing.only_b),
         findings=tuple(findings),
-        timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "total_s": t_end - t0},
+        canon=canon_dict,
+        anatomy=anatomy_dict,
+        timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "analysis_s": t_end - t_stream,
+                "total_s": t_end - t0},
     )
+
+
+def _canonical(
+    ca: Checkpoint, cb: Checkpoint, ra: RoleMap, rb: RoleMap, progress: ProgressFn | None
+) -> tuple[Any | None, Finding | None]:
+    """Run the canonical test (wider model as reference); a failure becomes a finding, not a crash."""
+    from lineage.canon import CheckpointModel, canonical_compare
+
+    swap = (rb.arch.hidden or 0) > (ra.arch.hidden or 0)
+    (x, rx), (y, ry) = ((cb, rb), (ca, ra)) if swap else ((ca, ra), (cb, rb))
+    try:
+        res = canonical_compare(CheckpointModel(x, rx), CheckpointModel(y, ry), rx.arch, ry.arch,
+                                x.vocab(), y.vocab(), progress=progress)
+    except LineageError as e:
+        return None, Finding("warning", f"canonicalisation not possible ({e}); element-wise verdict only")
+    except (RuntimeError, ValueError, IndexError) as e:  # numerical failure on odd shapes
+        log.debug("canonicalisation failed", exc_info=True)
+        return None, Finding("warning", f"canonicalisation failed ({type(e).__name__}: {e}); element-wise verdict only")
+    if swap:
+        log.info("model B is wider than A: canonicalised A onto B")
+    return res, None
+
+
+#: Largest model (float32 bytes per side) that the in-memory anatomy stage accepts.
+ANATOMY_MAX_BYTES = 1 << 30
+
+
+def _anatomy(
+    ca: Checkpoint, cb: Checkpoint, pairing: Any, verdict: Any, log10_p: float | None, findings: list[Finding],
+    ra: RoleMap, rb: RoleMap, canon: Any | None, width_changes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+) -> dict[str, Any] | None:
+    """Typed relation of B to A (LoRA rank, quantisation, fine-tune…) on the raw pairing.
+
+    Runs only when the pair is related element-wise (a disguised pair needs aligned weights)
+    and the models fit the in-memory budget.
+    """
+    if verdict.derived is not True or verdict.relation == "identical":
+        return None
+    size = max(ca.total_bytes, cb.total_bytes) * 4 // max(1, min(_itemsize(ca), _itemsize(cb)))
+    if size > ANATOMY_MAX_BYTES:
+        findings.append(Finding("info", f"derivation anatomy skipped: models above {ANATOMY_MAX_BYTES >> 20} MB in float32 "
+                                        "(streamed anatomy not implemented yet)"))
+        return None
+    from lineage.anatomy import AlignedPair, explain
+
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for m in pairing.matched:
+        if tuple(m.shape_a) == tuple(m.shape_b):
+            ta, tb = read_role(ca, m.view_a), read_role(cb, m.view_b)
+            if bool(torch.isfinite(ta).all()) and bool(torch.isfinite(tb).all()):
+                a[m.role], b[m.role] = ta, tb
+    p = None if log10_p is None else (10.0**log10_p if log10_p > -300 else 0.0)
+    dropped: tuple[int, ...] = ()
+    lmap = getattr(canon, "layer_map", None)
+    if lmap is not None and not lmap.is_identity:
+        dropped = tuple(getattr(lmap, "dropped", ()) or ())
+    try:
+        rel = explain(AlignedPair(a, b, p_value=p, layers_a=ra.n_layers, layers_b=rb.n_layers, dropped_layers=dropped,
+                                  width_changes=width_changes))
+    except (RuntimeError, ValueError) as e:  # numerical failure: report, keep the verdict
+        log.debug("anatomy failed", exc_info=True)
+        findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
+        return None
+    out = rel.to_dict()
+    out["summary"] = _anatomy_summary(out)
+    return out
+
+
+def _itemsize(ckpt: Checkpoint) -> int:
+    n = sum(m.numel for m in ckpt.tensors.values()) or 1
+    return max(1, round(ckpt.total_bytes / n))
+
+
+def _anatomy_summary(rel: dict[str, Any]) -> str:
+    d = rel.get("details", {}) or {}
+    r = rel.get("relation", "?")
+    parent = rel.get("parent")
+    who = {"a": "A is the parent", "b": "B is the parent"}.get(str(parent), "direction undecided")
+    if r == "lora merge":
+        extra = f"rank {d.get('rank')} on {d.get('modules_description') or d.get('modules')}"
+        if d.get("quant_format"):
+            extra += f", then quantised ({d.get('quant_format')})"
+    elif r == "quantised copy":
+        extra = f"format {d.get('quant_format')}"
+    elif r in ("fine-tune", "continued pre-training"):
+        extra = f"{d.get('change', 'dense update')}, median relative delta {d.get('rel_delta_median') or 0:.3g}"
+    elif r == "pruned":
+        extra = f"layers {d.get('layers')}"
+    else:
+        extra = str(d.get("encoding", ""))
+    return f"{r}: {extra} ({who})"
 
 
 def _nonfinite_findings(job: _Job, mom: torch.Tensor) -> list[Finding]:

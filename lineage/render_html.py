@@ -7,7 +7,7 @@ from collections import defaultdict
 
 from lineage.plots import line_chart, page
 from lineage.report import Report
-from lineage.render_text import GRID_KINDS
+from lineage.render_text import GRID_KINDS, meaningful_transforms
 
 
 def _f(x: float | None, spec: str = ".4f") -> str:
@@ -23,8 +23,9 @@ def render_html(report: Report) -> str:
     body = [f"<h1>lineage: {e(report.a.ref)} vs {e(report.b.ref)}</h1>"]
     body.append(f'<h2 class="{cls}">{e(v.relation)} <small>(p = {e(p)})</small></h2>')
     body.append(f"<p>{e(v.summary)}</p><p class='muted'>Null: {e(v.null)}</p>")
-    if report.canon and report.canon.get("transforms"):
-        body.append("<p>Transforms undone: " + ", ".join(e(str(t)) for t in report.canon["transforms"]) + "</p>")
+    moved = meaningful_transforms(report.canon.get("transforms", []) or []) if report.canon else []
+    if moved:
+        body.append("<p>Transforms undone: " + "; ".join(e(str(t)) for t in moved) + "</p>")
     if report.anatomy and report.anatomy.get("summary"):
         body.append(f"<p>Anatomy: {e(str(report.anatomy['summary']))}</p>")
     series: dict[str, list[tuple[float, float | None]]] = defaultdict(list)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -49,6 +50,11 @@ def _pearson_style(style: Style, r: float | None, text: str) -> str:
     return style(text, "dim")
 
 
+def meaningful_transforms(transforms: list[str]) -> list[str]:
+    """Transforms that actually moved something (drops "identity" and "0 of N moved" entries)."""
+    return [t for t in transforms if "identity" not in t and not re.search(r"\b0 of \d+", t)]
+
+
 def render_text(report: Report, *, colour: bool = False, tensors: bool = False) -> str:
     """The report as a human-readable table."""
     s = Style(colour)
@@ -77,12 +83,16 @@ def render_text(report: Report, *, colour: bool = False, tensors: bool = False) 
     out.append(f"  {v.summary}")
     out.append(s(f"  null: {v.null}", "dim"))
     if report.canon:
-        for t in report.canon.get("transforms", []) or []:
+        for t in meaningful_transforms(report.canon.get("transforms", []) or []):
             out.append(f"  undone: {t}")
     if report.anatomy:
         desc = report.anatomy.get("summary")
         if desc:
             out.append(f"  anatomy: {desc}")
+    if report.adapter_check:
+        ac = report.adapter_check
+        tag = s("verified", "green") if ac["verified"] else s("NOT verified", "red")
+        out.append(f"  adapter {ac['adapter']}: {tag}: {ac['summary']}")
     out.append("")
     out.extend(_grid(report, s))
     if tensors:

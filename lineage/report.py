@@ -77,6 +77,7 @@ class Report:
     findings: tuple[Finding, ...] = ()
     canon: dict[str, Any] | None = None
     anatomy: dict[str, Any] | None = None
+    adapter_check: dict[str, Any] | None = None
     timing: dict[str, float] = field(default_factory=dict)
     schema: str = SCHEMA
 
@@ -165,6 +166,7 @@ JSON_SCHEMA: dict[str, Any] = {
         "findings": {"type": "array"},
         "canon": {"type": ["object", "null"]},
         "anatomy": {"type": ["object", "null"]},
+        "adapter_check": {"type": ["object", "null"]},
         "timing": {"type": "object"},
     },
 }

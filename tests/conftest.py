@@ -9,6 +9,9 @@ import torch
 
 from lineage.testing.models import TinyConfig, init_weights, save_model
 
+# Tiny tensors: one intra-op thread is faster, and OpenMP spin-waits collapse when cores are shared.
+torch.set_num_threads(1)
+
 
 def _noisy(w: dict[str, torch.Tensor], rel: float, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)

@@ -27,8 +27,11 @@ LAYERS = {
     "lineage.render_html": 5,
     "lineage.inspect": 5,
     "lineage.compare": 6,
+    "lineage.adaptercheck": 6,
+    "lineage.mergefit": 6,
     "lineage.tree": 6,
     "lineage.scan": 7,
+    "lineage.family": 7,
     "lineage.testing": 7,
     "lineage.cli": 8,
 }

@@ -35,7 +35,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from lineage.errors import HeaderError, ShardError, UnsupportedFormatError
+from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
 from lineage.io.checkpoint import Checkpoint, TensorMeta
 from lineage.io.sources import ByteSource, LocalFileSource
 
@@ -391,8 +391,18 @@ def open_gguf_sources(ref: str, sources: list[ByteSource]) -> Checkpoint:
 
 
 def open_local_gguf(ref: str) -> Checkpoint | None:
-    """A local ``.gguf`` file (by suffix or magic); a split set when given any of its files."""
+    """A local ``.gguf`` file (by suffix or magic), or a folder holding one GGUF (or one split set);
+    a split set when given any of its files."""
     p = Path(ref)
+    if p.is_dir():
+        found = sorted(p.glob("*.gguf"))
+        heads = sorted({(split_siblings(f.name) or [f.name])[0] for f in found})
+        if not found:
+            return None
+        if len(heads) > 1:
+            raise CheckpointError(f"folder holds {len(heads)} GGUF models ({', '.join(heads[:3])}…): name one file",
+                                  path=ref)
+        p = p / heads[0]
     if not p.is_file():
         return None
     if p.suffix.lower() != ".gguf":

@@ -1,0 +1,50 @@
+"""Merge analysis across checkpoints: is CHILD a merge of PARENTS (relative to their common BASE)?"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from lineage.errors import ArchitectureError, ConfigError
+from lineage.io.checkpoint import Checkpoint, open_checkpoint
+from lineage.pairing import read_role, roles_for
+from lineage.signals.merge import MergeFit, fit_merge
+
+log = logging.getLogger(__name__)
+
+#: Float32 bytes, summed over all models involved, that the in-memory fit accepts.
+MAX_FIT_BYTES = 4 << 30
+
+
+def _load(ckpt: Checkpoint, roles: list[str]) -> dict[str, torch.Tensor]:
+    rm = roles_for(ckpt)
+    return {r: read_role(ckpt, rm.roles[r]) for r in roles}
+
+
+def fit_merge_models(child: str, parents: Sequence[str], base: str | None = None) -> MergeFit:
+    """Per-module mixing weights of ``child`` over ``parents`` (linear, SLERP, TIES/DARE recognised)."""
+    if not parents:
+        raise ConfigError("give at least one parent")
+    refs = [child, *parents] + ([base] if base else [])
+    ckpts = [open_checkpoint(r) for r in refs]
+    try:
+        maps = [roles_for(c) for c in ckpts]
+        shared = set(maps[0].roles)
+        for m in maps[1:]:
+            shared &= set(m.roles)
+        roles = sorted(r for r in shared if all(m.roles[r].shape == maps[0].roles[r].shape for m in maps)
+                       and len(maps[0].roles[r].shape) == 2)
+        if not roles:
+            raise ArchitectureError("the child and its candidate parents share no weight matrix of equal shape",
+                                    path=child)
+        need = sum(4 * maps[0].roles[r].shape[0] * maps[0].roles[r].shape[1] for r in roles) * len(ckpts)
+        if need > MAX_FIT_BYTES:
+            raise ConfigError(f"merge fit needs {need >> 20} MB in memory (limit {MAX_FIT_BYTES >> 20} MB); "
+                              "streamed merge fitting is not implemented yet")
+        tensors = [_load(c, roles) for c in ckpts]
+        return fit_merge(tensors[0], tensors[1:1 + len(parents)], tensors[-1] if base else None)
+    finally:
+        for c in ckpts:
+            c.close()

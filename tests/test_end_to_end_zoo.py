@@ -1,0 +1,85 @@
+"""The whole pipeline on the small zoo: planted lineage must come out with the stated evidence."""
+
+from __future__ import annotations
+
+import pytest
+
+from lineage.compare import compare
+from lineage.testing.zoo import Zoo, build_zoo
+
+
+@pytest.fixture(scope="module")
+def zoo() -> Zoo:
+    return build_zoo("small")
+
+
+@pytest.mark.parametrize(
+    "parent, child, relation",
+    [
+        ("llama-b1", "llama-b1-fta", "fine-tune"),
+        ("llama-b1", "llama-b1-lorasyn2", "lora merge"),
+        ("llama-b0", "llama-b0-int8_per_row", "quantised copy"),
+        ("llama-b0", "llama-b0-gguf-Q8_0", "quantised copy"),
+        ("llama-b0", "llama-b0-drop", "pruned"),
+        ("gpt2-b0", "gpt2-b0-prune", "pruned"),
+        ("llama-b0", "llama-b0-bf16", "re-encoded copy"),
+    ],
+)
+def test_derivatives_are_named(zoo: Zoo, parent: str, child: str, relation: str) -> None:
+    r = compare(zoo.path(parent), zoo.path(child))
+    assert r.verdict.derived is True
+    assert r.verdict.log10_p is not None and r.verdict.log10_p <= -10
+    assert r.verdict.relation == relation, r.verdict.summary
+
+
+@pytest.mark.parametrize("parent, child", [("llama-b1", "llama-b1-combined"), ("llama-b1", "llama-b1-ftd-combined"),
+                                           ("gpt2-b1", "gpt2-b1-combined")])
+def test_disguised_derivatives_are_found_and_transforms_named(zoo: Zoo, parent: str, child: str) -> None:
+    r = compare(zoo.path(parent), zoo.path(child))
+    assert r.verdict.derived is True and r.verdict.log10_p <= -10
+    assert r.verdict.relation.endswith("(disguised)")
+    assert r.canon is not None and any("permutation" in t for t in r.canon["transforms"])
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_independent_bases_are_not_derived(zoo: Zoo, fam: str) -> None:
+    r = compare(zoo.path(f"{fam}-b0"), zoo.path(f"{fam}-b1"))
+    assert r.verdict.derived is not True
+    assert r.verdict.p_value is not None and r.verdict.p_value > 1e-3
+
+
+def test_family_tree(zoo: Zoo) -> None:
+    from lineage.family import family_tree
+
+    ids = ["llama-b1", "llama-b1-fta", "llama-b0", "llama-b0-int8_per_row"]
+    res = family_tree([zoo.path(i) for i in ids])
+    edges = {(e.parent, e.child, e.relation) for e in res.tree.edges}
+    assert edges == {("llama-b1", "llama-b1-fta", "fine-tune"), ("llama-b0", "llama-b0-int8_per_row", "quantised copy")}
+    assert set(res.tree.roots) == {"llama-b0", "llama-b1"}
+    assert res.to_dict()["schema"] == "lineage.tree/1"
+
+
+def test_adapter_check(zoo: Zoo) -> None:
+    from lineage.adaptercheck import check_adapter
+
+    ok = check_adapter(zoo.path("llama-b0"), zoo.path("llama-b0-lora2"), zoo.model("llama-b0-lora2")["adapter_path"])
+    assert ok.verified and ok.modules and all(m.rank == 2 and m.rel_residual < 1e-3 for m in ok.modules)
+    bad = check_adapter(zoo.path("llama-b0"), zoo.path("llama-b0-ft"), zoo.model("llama-b0-lora2")["adapter_path"])
+    assert not bad.verified and bad.changed_outside
+
+
+def test_adapter_folder_is_a_derivative(zoo: Zoo) -> None:
+    r = compare(zoo.path("llama-b0"), zoo.model("llama-b0-lora2")["adapter_path"])
+    assert r.verdict.relation == "lora merge" and r.b.format.startswith("peft")
+    assert r.anatomy["details"]["rank"] == 2
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_merge_weights_recovered(zoo: Zoo, fam: str) -> None:
+    from lineage.mergefit import fit_merge_models
+
+    parents = [zoo.path(f"{fam}-b1-fta"), zoo.path(f"{fam}-b1-ftb")]
+    lin = fit_merge_models(zoo.path(f"{fam}-b1-merge-linear"), parents, zoo.path(f"{fam}-b1"))
+    assert lin.explains and abs(lin.weights[0] - 0.3) < 0.02 and abs(lin.weights[1] - 0.7) < 0.02
+    sl = fit_merge_models(zoo.path(f"{fam}-b1-merge-slerp"), parents, zoo.path(f"{fam}-b1"))
+    assert sl.method == "slerp" and abs(sl.t - 0.4) < 0.02
