@@ -233,8 +233,13 @@ def ks_uniform(ps: list[float]) -> dict[str, Any]:
         return {"n": len(ps), "statistic": None, "p": None}
     from scipy import stats
 
-    res = stats.kstest(ps, "uniform")
-    return {"n": len(ps), "statistic": float(res.statistic), "p": float(res.pvalue)}
+    two = stats.kstest(ps, "uniform")
+    # Validity needs P(p <= a) <= a: test only the anti-conservative side (empirical CDF above uniform).
+    anti = stats.kstest(ps, "uniform", alternative="greater")
+    return {"n": len(ps), "statistic": float(two.statistic), "p": float(two.pvalue),
+            "anticonservative_statistic": float(anti.statistic), "anticonservative_p": float(anti.pvalue),
+            "fraction_below_0.05": sum(p <= 0.05 for p in ps) / len(ps),
+            "fraction_below_0.01": sum(p <= 0.01 for p in ps) / len(ps)}
 
 
 def _median_p(rs: list[Record]) -> float | None:
@@ -388,6 +393,10 @@ def write_markdown(path: Path, s: dict[str, Any], cfg: Config, meta: dict[str, A
     ksn = s["ks_null_models"]
     L.append(f"| KS vs uniform, all independent p | D = {_num(ks['statistic'])}, p = {_fmt_p(ks['p'])} (n {ks['n']}) | – | – |")
     L.append(f"| KS vs uniform, null-model pairs | D = {_num(ksn['statistic'])}, p = {_fmt_p(ksn['p'])} (n {ksn['n']}) | – | – |")
+    if ks.get("anticonservative_p") is not None:
+        L.append(f"| one-sided KS (anti-conservative side), all independent p | D+ = {_num(ks['anticonservative_statistic'])}, "
+                 f"p = {_fmt_p(ks['anticonservative_p'])}; fraction p ≤ 0.05: {ks['fraction_below_0.05']:.3f}, "
+                 f"≤ 0.01: {ks['fraction_below_0.01']:.3f} | – | – |")
     sec = s["seconds_per_pair"]
     L.append(f"| seconds per pair (median / p90) | {_num(sec['median'], 2)} / {_num(sec['p90'], 2)} | – | – |\n")
     L.append("## Detection by relation (derived pairs)\n")

@@ -122,6 +122,34 @@ def inspect(ref: str, as_json: bool, tensors: bool, download: bool) -> int:
 
 
 @cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="Fingerprint file to write (.lfp).")
+@click.option("--json", "as_json", is_flag=True, help="Print size, bytes read and timing as JSON.")
+@click.option("--no-progress", is_flag=True)
+def fingerprint(model: str, output: str, as_json: bool, no_progress: bool) -> int:
+    """Write MODEL's compact, transform-invariant fingerprint (compare it later with `lineage compare`)."""
+    import json
+
+    from lineage.fpcompare import SUFFIX, write_fingerprint
+
+    if not output.endswith(SUFFIX):
+        raise click.UsageError(f"the fingerprint file name must end in {SUFFIX}")
+    bar = _progress(no_progress)
+    try:
+        info = write_fingerprint(model, output, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+    else:
+        click.echo(f"{output}: {info['bytes']:,} bytes, {info['layers']} layers, {info['probes']} probe tokens; "
+                   f"read {info['bytes_read']:,} of {info['model_bytes']:,} model bytes in {info['seconds']:.1f} s")
+    return 0
+
+
+@cli.command()
 @click.argument("child")
 @click.option("--parents", "-p", multiple=True, required=True, help="A candidate parent (repeat the option).")
 @click.option("--base", help="The parents' common base (task vectors are taken relative to it).")

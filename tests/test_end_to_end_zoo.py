@@ -83,3 +83,23 @@ def test_merge_weights_recovered(zoo: Zoo, fam: str) -> None:
     assert lin.explains and abs(lin.weights[0] - 0.3) < 0.02 and abs(lin.weights[1] - 0.7) < 0.02
     sl = fit_merge_models(zoo.path(f"{fam}-b1-merge-slerp"), parents, zoo.path(f"{fam}-b1"))
     assert sl.method == "slerp" and abs(sl.t - 0.4) < 0.02
+
+
+def test_fingerprint_cli_roundtrip(zoo: Zoo, tmp_path, capsys) -> None:
+    from lineage.cli import main
+
+    out = tmp_path / "base.lfp"
+    with pytest.raises(SystemExit) as e:
+        main(["fingerprint", zoo.path("llama-b1"), "-o", str(out)])
+    assert e.value.code == 0 and out.stat().st_size < 2 << 20
+    capsys.readouterr()
+    derived = compare(str(out), zoo.path("llama-b1-ftd-combined"))
+    assert derived.verdict.derived is True and derived.verdict.log10_p <= -10
+    assert derived.verdict.method == "fingerprint"
+    unrelated = compare(str(out), zoo.path("llama-b0"))
+    assert unrelated.verdict.derived is not True and unrelated.verdict.p_value > 1e-3
+    bad = tmp_path / "bad.lfp"
+    bad.write_bytes(b"not a fingerprint")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", str(bad), zoo.path("llama-b0")])
+    assert e.value.code == 2 and str(bad) in capsys.readouterr().err
