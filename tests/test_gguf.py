@@ -13,7 +13,7 @@ from gguf.quants import quantize
 from lineage.errors import HeaderError, ShardError, UnsupportedFormatError
 from lineage.io import open_checkpoint
 from lineage.io.gguf import (
-    GGML_TYPES,
+    ggml_types,
     QUANTISED,
     open_gguf_source,
     parse_gguf_header,
@@ -82,7 +82,7 @@ def model():
 
 
 def test_type_table_matches_gguf_package():
-    for tid, (name, bs, ts) in GGML_TYPES.items():
+    for tid, (name, bs, ts) in ggml_types().items():
         q = gguf.GGMLQuantizationType(tid)
         assert q.name == name
         assert gguf.GGML_QUANT_SIZES[q] == (bs, ts)

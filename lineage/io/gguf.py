@@ -22,6 +22,7 @@ Conventions on read:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -32,8 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from gguf.quants import dequantize
 
 from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
 from lineage.io.checkpoint import Checkpoint, TensorMeta
@@ -53,10 +52,15 @@ METADATA_ARRAY_LIMIT = 64
 #: Architectures whose llama.cpp converter permutes Q/K rows (LlamaModel and its subclasses).
 PERMUTED_QK_ARCHS = frozenset({"llama"})
 
-# GGML types: id -> (name, block size in elements, bytes per block), from the gguf package
-GGML_TYPES: dict[int, tuple[str, int, int]] = {
-    int(q): (q.name, *GGML_QUANT_SIZES[q]) for q in GGMLQuantizationType if q in GGML_QUANT_SIZES
-}
+@functools.cache
+def ggml_types() -> dict[int, tuple[str, int, int]]:
+    """GGML types: id -> (name, block size in elements, bytes per block), from the gguf package.
+
+    The package is imported on first use only (it costs ~0.2 s, paid only when a GGUF is read).
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return {int(q): (q.name, *GGML_QUANT_SIZES[q]) for q in GGMLQuantizationType if q in GGML_QUANT_SIZES}
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F64": torch.float64, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
           "I64": torch.int64}
@@ -200,10 +204,10 @@ def parse_gguf_header(source: ByteSource) -> GGUFHeader:
 
     tensors = []
     for tname, ne, ttype, offset in raw_infos:
-        if ttype not in GGML_TYPES:
+        if ttype not in ggml_types():
             raise UnsupportedFormatError(f"tensor {tname!r} has unknown GGML type id {ttype}",
                                          path=name)
-        tyname, bs, ts = GGML_TYPES[ttype]
+        tyname, bs, ts = ggml_types()[ttype]
         if any(d <= 0 or d > (1 << 40) for d in ne) or ne[0] % bs:
             raise HeaderError(
                 f"tensor {tname!r} has invalid dims {ne} for {tyname} (block size {bs})", path=name
@@ -229,6 +233,9 @@ def parse_gguf_header(source: ByteSource) -> GGUFHeader:
 
 def dequantize_rows(raw: np.ndarray, ggml_type: str, row_numel: int) -> np.ndarray:
     """Dequantise ``(rows, row_bytes)`` uint8 blocks of ``ggml_type`` to float32 ``(rows, row_numel)``."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
     out = dequantize(raw, GGMLQuantizationType[ggml_type])
     return np.asarray(out, dtype=np.float32).reshape(raw.shape[0], row_numel)
 
@@ -270,7 +277,7 @@ class GGUFReader:
 
     def _read(self, meta: TensorMeta, start: int, stop: int) -> torch.Tensor:
         info = self.infos[meta.name]
-        _, bs, ts = next(v for v in GGML_TYPES.values() if v[0] == info.ggml_type)
+        _, bs, ts = next(v for v in ggml_types().values() if v[0] == info.ggml_type)
         row_bytes = meta.row_numel // bs * ts
         n = (stop - start) * row_bytes
         shape = (stop - start, *meta.shape[1:]) if len(meta.shape) >= 2 else meta.shape
