@@ -24,13 +24,18 @@ def test_fast_matches_reference(shape: tuple[int, ...], dtype: torch.dtype) -> N
 
 
 def test_blocks_add_up() -> None:
-    a, b = torch.randn(100, 30), torch.randn(100, 30)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(100, 30, generator=g), torch.randn(100, 30, generator=g)
     whole = pair_moments(a, b)
     parts = pair_moments(a[:37], b[:37]) + pair_moments(a[37:], b[37:])
-    assert torch.allclose(whole, parts, rtol=1e-6)
+    # float32 chunk sums: compare against the scale of the sums, not each (possibly near-zero) entry
+    scale = float(whole[3] + whole[4])
+    assert torch.allclose(whole, parts, rtol=1e-6, atol=1e-6 * scale)
+    assert torch.allclose(whole, pair_moments_reference(a, b), rtol=1e-6, atol=1e-6 * scale)
 
 
 def test_similarity_figures() -> None:
+    torch.manual_seed(0)
     a = torch.randn(300, 200)
     s = similarity_from_moments(pair_moments(a, a))
     assert s.identical and s.rel_l2 == 0.0 and abs(s.cosine - 1) < 1e-6 and abs(s.pearson - 1) < 1e-6
@@ -49,6 +54,7 @@ def test_constant_vectors_have_no_pearson() -> None:
 
 
 def test_nonfinite_detected() -> None:
+    torch.manual_seed(0)
     a = torch.randn(10, 10)
     b = a.clone()
     b[3, 3] = math.nan
