@@ -22,30 +22,19 @@ block by block and never held whole.  Each pass holds one block plus the
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
+
+from lineage_kernels.threads import single_threaded
 
 RowBlocks = Callable[[], Iterable[tuple[int, torch.Tensor]]]
 
 
-@contextlib.contextmanager
-def _small_lapack(device: torch.device) -> Iterator[None]:
-    """Run small CPU decompositions single-threaded.
-
-    LAPACK calls on matrices of a few hundred rows gain nothing from threads and,
-    on a loaded machine, lose 100x to thread start-up and contention.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+def _small_lapack(device: torch.device):
+    """Run small CPU decompositions single-threaded (LAPACK on a few hundred rows gains nothing
+    from threads and, on a loaded machine, loses 100x to thread start-up and contention)."""
+    return single_threaded(device)
 
 
 def _target_rank(shape: tuple[int, int], k: int) -> int:

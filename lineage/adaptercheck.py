@@ -11,7 +11,6 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
-import torch
 
 from lineage.errors import CheckpointError
 from lineage.io.adapter import read_adapter

@@ -16,7 +16,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +26,10 @@ from lineage.io.checkpoint import Checkpoint, open_checkpoint
 from lineage.pairing import RoleMap, pair_models, read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
-from lineage.signals.similarity import Similarity, similarity_from_moments
+from lineage.signals.similarity import similarity_from_moments
 from lineage.verdict import MatrixEvidence, decide, decide_canonical
 from lineage_kernels.moments import pair_moments
+from lineage_kernels.threads import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +156,6 @@ def _stream(
                 t.join(0.05)
 
 
-@contextmanager
-def _single_threaded_torch() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _reduce_blocks(
     ca: Checkpoint, cb: Checkpoint, jobs: list[_Job], opts: CompareOptions,
     device: torch.device, progress: ProgressFn | None,
@@ -196,7 +186,7 @@ def _reduce_blocks(
         for item in blocks:
             collect(reduce(*item))
         return moments
-    with _single_threaded_torch(), ThreadPoolExecutor(workers, thread_name_prefix="lineage-reduce") as pool:
+    with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="lineage-reduce") as pool:
         pending: deque[Future[tuple[int, int, torch.Tensor]]] = deque()
         for item in blocks:
             pending.append(pool.submit(reduce, *item))

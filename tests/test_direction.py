@@ -5,19 +5,9 @@ These are synthetic; the zoo's chains are the real validation.
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from lineage.signals.direction import direction
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: threads only add contention on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 ROLES = [f"L{i}.{p}.weight" for i in range(6) for p in ("attn.q", "mlp.up")]

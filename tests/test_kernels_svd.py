@@ -10,15 +10,6 @@ import torch
 from lineage_kernels.svd import randomized_svd, randomized_svd_blocks, randomized_svd_reference
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: threads only add contention on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=None)
 def _decaying(m: int, n: int, seed: int, decay: float = 0.8) -> torch.Tensor:
     """A matrix with singular values 10·decay^i (only the first ~60 matter)."""

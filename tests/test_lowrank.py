@@ -16,15 +16,6 @@ from lineage.signals.lowrank import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: threads only add contention on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _base(m: int, n: int, seed: int) -> torch.Tensor:
     """Heavy-tailed weights with unequal row and column scales (like trained layers)."""
     g = torch.Generator().manual_seed(seed)

@@ -10,15 +10,6 @@ import torch
 from lineage.signals.merge import fit_merge
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: threads only add contention on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ROLES = [f"L{i}.{p}.weight" for i in range(4) for p in ("attn.q", "mlp.up")]
 
 

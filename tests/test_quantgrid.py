@@ -8,15 +8,6 @@ import torch
 from lineage.signals.quantgrid import detect_grid, detect_modules
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: threads only add contention on a shared machine (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _w(m=96, n=512, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(m, n, generator=g) / torch.sqrt(torch.rand(m, n, generator=g) * 0.9 + 0.1)
