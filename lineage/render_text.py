@@ -52,7 +52,7 @@ def _pearson_style(style: Style, r: float | None, text: str) -> str:
 
 def meaningful_transforms(transforms: list[str]) -> list[str]:
     """Transforms that actually moved something (drops "identity" and "0 of N moved" entries)."""
-    return [t for t in transforms if "identity" not in t and not re.search(r"\b0 of \d+", t)]
+    return [t for t in transforms if not re.search(r"^residual stream: identity\b", t) and not re.search(r"\b0 of \d+", t)]
 
 
 def render_text(report: Report, *, colour: bool = False, tensors: bool = False) -> str:

@@ -64,3 +64,14 @@ def test_inspect(tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str
     assert code == 0 and "safetensors" in out and "L0.attn.q.weight" in out and "family=llama" in out
     code, out, _ = run(["inspect", str(tiny_models["gpt2_base"]), "--json"], capsys)
     assert code == 0 and json.loads(out)["format"] == "safetensors"
+
+
+def test_only_transforms_that_moved_something_are_shown() -> None:
+    from lineage.render_text import meaningful_transforms
+
+    shown = meaningful_transforms([
+        "residual stream: identity", "residual stream: identity onto 64 of 128 channels",
+        "residual rotation, 97% of energy off the identity", "MLP neuron permutation, 0 of 128 neurons moved",
+        "attention head permutation, 8 of 8 q heads moved",
+    ])
+    assert shown == ["residual rotation, 97% of energy off the identity", "attention head permutation, 8 of 8 q heads moved"]
