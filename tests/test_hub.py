@@ -350,3 +350,15 @@ def test_server_speaks_huggingface_hub(hub, tmp_path):
     meta = get_hf_file_metadata(hf_hub_url("org/tiny", "model.safetensors", endpoint=srv.endpoint))
     assert meta.commit_hash == info.sha and meta.size == sizes["model.safetensors"]
     assert meta.location.startswith(srv.cdn_endpoint)
+
+
+def test_remote_compare_reports_bytes_read(hub):
+    from lineage.compare import CompareOptions, compare
+
+    srv, sd, _ = hub
+    r = compare("org/tiny", "org/sharded", options=CompareOptions(canonicalise=False))
+    assert r.verdict.relation == "identical"
+    assert r.a.format == "safetensors" and r.a.total_bytes > 0
+    # every paired tensor was streamed once over HTTP, plus headers and small files
+    assert 0.9 * r.a.total_bytes <= r.a.bytes_read <= 1.05 * r.a.total_bytes + 65536
+    assert _cdn(srv)
