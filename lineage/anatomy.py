@@ -56,7 +56,9 @@ class AlignedPair:
 class AnatomyConfig:
     alpha: float = 0.01               # p-value above which the pair is unrelated
     min_pearson: float = 0.05         # without a p-value: median Pearson needed to be related
-    cpt_rel_delta: float = 0.17       # median ‖δ‖/‖parent‖ from which a dense change is continued pre-training
+    # median ‖δ‖/‖parent‖ from which a dense change is continued pre-training: midway between the full zoo's
+    # longest fine-tune (0.246) and shortest continued pre-training (0.306); a magnitude convention, not a law
+    cpt_rel_delta: float = 0.27
     quant_consistent: float = 0.9     # fraction of modules whose error matches the grid
     lowrank: LowRankConfig = field(default_factory=LowRankConfig)
 
