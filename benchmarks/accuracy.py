@@ -209,7 +209,6 @@ def auc(pos: list[float], neg: list[float]) -> float | None:
     if not pos or not neg:
         return None
     allv = sorted([(s, 1) for s in pos] + [(s, 0) for s in neg])
-    ranks: dict[int, float] = {}
     i = 0
     rank_sum = 0.0
     while i < len(allv):
@@ -484,7 +483,7 @@ def write_markdown(path: Path, s: dict[str, Any], cfg: Config, meta: dict[str, A
              f"{frac(s['merge_weights'], lambda x: isinstance(x['recovered'], (int, float)) and abs(x['recovered'] - x['true']) <= 0.05)}")
     L.append(f"- Layer map exact: {frac(s['layer_map'], lambda x: list(x['recovered']) == list(x['true']))}")
     d = s["direction"]
-    L.append(f"- Direction (parent → child): " + (f"{d['correct']}/{d['n']} correct ({d['reported']} reported)"
+    L.append("- Direction (parent → child): " + (f"{d['correct']}/{d['n']} correct ({d['reported']} reported)"
                                                   if d["reported"] else f"{NI} ({d['n']} pairs)"))
     L.append("\nLoRA ranks (true → recovered): " + ", ".join(
         f"{x['b']}{' (adapter)' if 'adapter' in x['variant'] else ''}: {x['true']} → {x['recovered'] if x['recovered'] is not None else 'n/i'}" for x in s["lora_rank"]))

@@ -23,11 +23,11 @@ import torch
 
 from lineage.errors import ConfigError, LineageError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
-from lineage.pairing import RoleMap, pair_models, read_role, roles_for
+from lineage.pairing import RoleMap, pair_models, parse_role, read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
-from lineage.verdict import MatrixEvidence, decide, decide_canonical
+from lineage.verdict import MatrixEvidence, decide, decide_canonical, p_from_log10
 from lineage_kernels.moments import pair_moments
 from lineage_kernels.threads import single_threaded
 
@@ -70,14 +70,9 @@ class CompareOptions:
 
 def split_role(role: str) -> tuple[int | None, str]:
     """``"L3.attn.q.weight"`` → ``(3, "attn.q")``; ``"embed.weight"`` → ``(None, "embed")``."""
-    parts = role.split(".")
-    layer = None
-    if parts[0].startswith("L") and parts[0][1:].isdigit():
-        layer = int(parts[0][1:])
-        parts = parts[1:]
-    if parts and parts[-1] in ("weight", "bias"):
-        parts = parts[:-1]
-    return layer, ".".join(parts)
+    layer, rest = parse_role(role)
+    stem, _, param = rest.rpartition(".")
+    return layer, stem if param in ("weight", "bias") and stem else rest
 
 
 @dataclass
@@ -378,8 +373,8 @@ def _anatomy(
     """
     if verdict.derived is not True or verdict.relation == "identical":
         return None
-    size = max(ca.total_bytes, cb.total_bytes) * 4 // max(1, min(_itemsize(ca), _itemsize(cb)))
-    if size > ANATOMY_MAX_BYTES:
+    float32_bytes = 4 * max(sum(m.numel for m in c.tensors.values()) for c in (ca, cb))
+    if float32_bytes > ANATOMY_MAX_BYTES:
         findings.append(Finding("info", f"derivation anatomy skipped: models above {ANATOMY_MAX_BYTES >> 20} MB in float32 "
                                         "(streamed anatomy not implemented yet)"))
         return None
@@ -392,7 +387,7 @@ def _anatomy(
             ta, tb = read_role(ca, m.view_a), read_role(cb, m.view_b)
             if bool(torch.isfinite(ta).all()) and bool(torch.isfinite(tb).all()):
                 a[m.role], b[m.role] = ta, tb
-    p = None if log10_p is None else (10.0**log10_p if log10_p > -300 else 0.0)
+    p = None if log10_p is None else p_from_log10(log10_p)
     dropped: tuple[int, ...] = ()
     lmap = getattr(canon, "layer_map", None)
     if lmap is not None and not lmap.is_identity:
@@ -407,11 +402,6 @@ def _anatomy(
     out = rel.to_dict()
     out["summary"] = _anatomy_summary(out)
     return out
-
-
-def _itemsize(ckpt: Checkpoint) -> int:
-    n = sum(m.numel for m in ckpt.tensors.values()) or 1
-    return max(1, round(ckpt.total_bytes / n))
 
 
 def _anatomy_summary(rel: dict[str, Any]) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from lineage.errors import ArchitectureError, ConfigError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
-from lineage.pairing import read_role, roles_for
+from lineage.pairing import RoleMap, read_role, roles_for
 from lineage.signals.merge import MergeFit, fit_merge
 
 log = logging.getLogger(__name__)
@@ -18,8 +18,7 @@ log = logging.getLogger(__name__)
 MAX_FIT_BYTES = 4 << 30
 
 
-def _load(ckpt: Checkpoint, roles: list[str]) -> dict[str, torch.Tensor]:
-    rm = roles_for(ckpt)
+def _load(ckpt: Checkpoint, rm: RoleMap, roles: list[str]) -> dict[str, torch.Tensor]:
     return {r: read_role(ckpt, rm.roles[r]) for r in roles}
 
 
@@ -43,7 +42,7 @@ def fit_merge_models(child: str, parents: Sequence[str], base: str | None = None
         if need > MAX_FIT_BYTES:
             raise ConfigError(f"merge fit needs {need >> 20} MB in memory (limit {MAX_FIT_BYTES >> 20} MB); "
                               "streamed merge fitting is not implemented yet")
-        tensors = [_load(c, roles) for c in ckpts]
+        tensors = [_load(c, m, roles) for c, m in zip(ckpts, maps)]
         return fit_merge(tensors[0], tensors[1:1 + len(parents)], tensors[-1] if base else None)
     finally:
         for c in ckpts:
