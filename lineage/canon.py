@@ -693,6 +693,15 @@ def sketch_null_sd(ra: Mapping[str, Tensor], rb: Mapping[str, Tensor], m: int, n
 
 
 @dataclass(frozen=True)
+class LayerUnits:
+    """The unit matchings found for one layer pair (B's units onto A's), for :mod:`lineage.realign`."""
+
+    mlp: UnitAlignment | None = None
+    kv: UnitAlignment | None = None
+    q: UnitAlignment | None = None
+
+
+@dataclass(frozen=True)
 class LayerRow:
     """Evidence for one aligned layer pair."""
 
@@ -703,6 +712,7 @@ class LayerRow:
     log10_p: float  # after any depth-search correction
     sketch_r: float | None
     transforms: dict[str, Any]
+    units: LayerUnits | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer_a": self.layer_a, "layer_b": self.layer_b, "stats": [s.to_dict() for s in self.stats],
@@ -714,8 +724,11 @@ def _unit_cols(W: Tensor) -> Tensor:
 
 
 def evaluate_layer(la: LayerDict, lb: LayerDict, X_a: Tensor, X_b: Tensor, arch_a: CanonArch,
-                   arch_b: CanonArch, frame: Frame) -> tuple[list[MatrixStat], dict[str, Any]]:
-    """Align one folded layer pair and compute the held-out statistics (both layers in their own basis)."""
+                   arch_b: CanonArch, frame: Frame) -> tuple[list[MatrixStat], dict[str, Any], LayerUnits]:
+    """Align one folded layer pair and compute the held-out statistics (both layers in their own basis).
+
+    Returns the statistics, a JSON summary of the transforms found, and the unit matchings.
+    """
     stats: list[MatrixStat] = []
     found: dict[str, Any] = {}
     mlp = align_mlp(la, lb, arch_a, frame)
@@ -730,6 +743,7 @@ def evaluate_layer(la: LayerDict, lb: LayerDict, X_a: Tensor, X_b: Tensor, arch_
         s["log_scale_spread"] = float(ratio.std()) if ratio.numel() > 1 else 0.0
         found["mlp"] = s
     heads = align_heads(la, lb, X_a, X_b, arch_a, arch_b)
+    units = LayerUnits(mlp, *(heads or (None, None)))
     if heads is not None:
         kv, qh = heads
         hd = arch_a.head_dim
@@ -750,7 +764,7 @@ def evaluate_layer(la: LayerDict, lb: LayerDict, X_a: Tensor, X_b: Tensor, arch_
                 blocks_b.append(pb[:, j * hd:(j + 1) * hd] @ xvb[kb * hd:(kb + 1) * hd])
             if blocks_a:
                 stats.append(aligned_z("attn.ov", torch.cat(blocks_a, 1), torch.cat(blocks_b, 1)))
-    return stats, found
+    return stats, found, units
 
 
 def _layer_z(stats: Sequence[MatrixStat]) -> float:
@@ -910,9 +924,9 @@ def canonical_compare(
     frame = Frame.build(rm.M, Xa)
 
     def run_pair(i: int, j: int, la: LayerDict, lb: LayerDict) -> LayerRow:
-        stats, found = evaluate_layer(la, lb, Xa, Xb, aa, ab, frame)
+        stats, found, units = evaluate_layer(la, lb, Xa, Xb, aa, ab, frame)
         z = _layer_z(stats) / infl
-        return LayerRow(i, j, tuple(stats), z, log10_normal_sf(z), None, found)
+        return LayerRow(i, j, tuple(stats), z, log10_normal_sf(z), None, found, units)
 
     if depth != "search" and La == Lb:
         for i in range(La):
@@ -947,7 +961,8 @@ def canonical_compare(
         if row is None:
             row = run_pair(i, j, fold_layer(model_a.layer(i), aa), fold_layer(model_b.layer(j), ab))
         lp = row.log10_p + (math.log10(La) if searched else 0.0)
-        final_rows.append(LayerRow(row.layer_a, row.layer_b, row.stats, row.z, min(0.0, lp), float(S[i, j]), row.transforms))
+        final_rows.append(LayerRow(row.layer_a, row.layer_b, row.stats, row.z, min(0.0, lp), float(S[i, j]),
+                                   row.transforms, row.units))
     if not final_rows:
         notes.append("no layer of B could be paired with a layer of A")
     comb = {}

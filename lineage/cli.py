@@ -56,13 +56,22 @@ def cli(debug: bool, verbose: int) -> None:
 @click.option("--tensors", is_flag=True, help="Also print the per-tensor table.")
 @click.option("--no-canon", is_flag=True, help="Skip canonicalisation (element-wise comparison only).")
 @click.option("--adapter", "adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter folder: verify B = A + adapter.")
+@click.option("--parents", "-p", "parents", multiple=True,
+              help="Candidate merge parent of B (repeat): B is fitted as a merge of them.")
+@click.option("--base", "merge_base", help="The parents' common base for --parents (default: A, unless A is a parent).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--color/--no-color", "colour", default=None, help="Colour the terminal output (default: when a terminal).")
 def compare(
     a: str, b: str, as_json: bool, html_path: str | None, device: str, expect: str | None,
-    tensors: bool, no_canon: bool, adapter: str | None, no_progress: bool, colour: bool | None,
+    tensors: bool, no_canon: bool, adapter: str | None, parents: tuple[str, ...], merge_base: str | None,
+    no_progress: bool, colour: bool | None,
 ) -> int:
-    """Compare model A (reference) with model B and give a lineage verdict."""
+    """Compare model A (reference) with model B and give a lineage verdict.
+
+    With --parents, B is also fitted as a merge of the given models (task vectors
+    relative to --base, or to A when A is not among the parents) and called a merge
+    when the fit explains it.
+    """
     from lineage.compare import CompareOptions
     from lineage.compare import compare as run_compare
 
@@ -78,6 +87,15 @@ def compare(
         from lineage.adaptercheck import check_adapter
 
         report = dataclasses.replace(report, adapter_check=check_adapter(a, b, adapter).to_dict())
+    if parents:
+        import dataclasses
+
+        from lineage.mergefit import merge_evidence
+        from lineage.verdict import with_merge
+
+        base = merge_base if merge_base is not None else (None if a in parents else a)
+        merge = merge_evidence(b, list(parents), base)
+        report = dataclasses.replace(report, merge=merge, verdict=with_merge(report.verdict, merge))
     if as_json:
         click.echo(report.to_json())
     else:

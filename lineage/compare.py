@@ -27,7 +27,7 @@ from lineage.pairing import RoleMap, pair_models, parse_role, read_role, roles_f
 from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
-from lineage.verdict import MatrixEvidence, decide, decide_canonical, p_from_log10
+from lineage.verdict import DERIVED_P, MatrixEvidence, decide, decide_canonical, p_from_log10
 from lineage_kernels.moments import pair_moments
 from lineage_kernels.threads import single_threaded
 
@@ -317,8 +317,13 @@ def _compare_open(
             findings.append(problem)
         if canon is not None:
             canon_dict = canon.to_dict()
-            anatomy_dict = _anatomy(ca, cb, pairing, verdict, canon.log10_p, findings, ra, rb, canon, width_changes)
-            verdict = decide_canonical(verdict, canon.log10_p, canon.transforms, anatomy_dict)
+            disguised: bool | None = None
+            if canon.log10_p <= math.log10(DERIVED_P):
+                anatomy_dict, disguised = _realigned_anatomy(ca, cb, ra, rb, canon, verdict, findings, width_changes)
+            if anatomy_dict is None and not disguised:
+                anatomy_dict = _anatomy(ca, cb, pairing, verdict, canon.log10_p, findings, ra, rb, canon,
+                                        width_changes)
+            verdict = decide_canonical(verdict, canon.log10_p, canon.transforms, anatomy_dict, disguised)
     elif verdict.relation != "identical" and not opts.canonicalise:
         anatomy_dict = _anatomy(ca, cb, pairing, verdict, verdict.log10_p, findings, ra, rb, None, width_changes)
     t_end = time.perf_counter()
@@ -402,6 +407,74 @@ def _anatomy(
     out = rel.to_dict()
     out["summary"] = _anatomy_summary(out)
     return out
+
+
+#: Realignment must remove at least this fraction of ‖B − A‖ for B to count as disguised.
+DISGUISE_GAIN = 0.5
+#: Unit roundoff of storage formats: a realigned difference within it is float rounding.
+_ROUNDOFF = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
+
+
+def _realigned_anatomy(
+    ca: Checkpoint, cb: Checkpoint, ra: RoleMap, rb: RoleMap, canon: Any, verdict: Any,
+    findings: list[Finding], width_changes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+) -> tuple[dict[str, Any] | None, bool]:
+    """Anatomy on B realigned onto A (:mod:`lineage.realign`) when that undoes a disguise.
+
+    Returns ``(anatomy, disguised)``: ``disguised`` is True when realignment removes
+    most of the difference (or the element-wise test saw no lineage at all); the
+    anatomy is then computed on the realigned weights (None if not run).
+    """
+    float32_bytes = 4 * max(sum(m.numel for m in c.tensors.values()) for c in (ca, cb))
+    if float32_bytes > ANATOMY_MAX_BYTES:
+        return None, verdict.derived is not True
+    from lineage.anatomy import AlignedPair, Relation, explain
+    from lineage.canon import CheckpointModel
+    from lineage.realign import Closeness, realigned_layers
+
+    swap = (rb.arch.hidden or 0) > (ra.arch.hidden or 0)
+    (x, rx), (y, ry) = ((cb, rb), (ca, ra)) if swap else ((ca, ra), (cb, rb))
+    close = Closeness()
+    px: dict[str, torch.Tensor] = {}
+    py: dict[str, torch.Tensor] = {}
+    try:
+        for role, tx, ty in realigned_layers(CheckpointModel(x, rx), CheckpointModel(y, ry), rx.arch, ry.arch, canon,
+                                             close):
+            if bool(torch.isfinite(tx).all()) and bool(torch.isfinite(ty).all()):
+                px[role], py[role] = tx, ty
+    except (RuntimeError, ValueError, IndexError) as e:
+        log.debug("realignment failed", exc_info=True)
+        findings.append(Finding("warning", f"realignment for the anatomy failed ({type(e).__name__}: {e})"))
+        return None, verdict.derived is not True
+    disguised = verdict.derived is not True or close.aligned_rel < DISGUISE_GAIN * close.raw_rel
+    log.info("realigned: ‖B−A‖/‖A‖ %.3g as stored, %.3g realigned (disguised: %s)", close.raw_rel, close.aligned_rel,
+             disguised)
+    if not disguised:
+        return None, False
+    a, b = (py, px) if swap else (px, py)
+    roundoff = max(_ROUNDOFF.get(str(m.dtype).upper(), 0.0) for m in cb.tensors.values())
+    tol = max(1e-4, roundoff)
+    if close.max_aligned_rel <= tol:
+        rel = Relation("identical", None, 0.99, {
+            "encoding": "function-preserving re-parameterisation (same weights after undoing the transforms, "
+                        f"largest relative difference {close.max_aligned_rel:.2g})",
+            "realigned": close.to_dict()})
+    else:
+        dropped: tuple[int, ...] = ()
+        lmap = getattr(canon, "layer_map", None)
+        if lmap is not None and not lmap.is_identity:
+            dropped = tuple(getattr(lmap, "dropped", ()) or ())
+        try:
+            rel = explain(AlignedPair(a, b, p_value=p_from_log10(canon.log10_p), layers_a=ra.n_layers,
+                                      layers_b=rb.n_layers, dropped_layers=dropped, width_changes=width_changes))
+        except (RuntimeError, ValueError) as e:
+            log.debug("anatomy failed", exc_info=True)
+            findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
+            return None, True
+        rel.details["realigned"] = close.to_dict()
+    out = rel.to_dict()
+    out["summary"] = _anatomy_summary(out)
+    return out, True
 
 
 def _anatomy_summary(rel: dict[str, Any]) -> str:

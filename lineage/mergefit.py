@@ -47,3 +47,17 @@ def fit_merge_models(child: str, parents: Sequence[str], base: str | None = None
     finally:
         for c in ckpts:
             c.close()
+
+
+def merge_evidence(child: str, parents: Sequence[str], base: str | None = None) -> dict[str, object]:
+    """The merge fit of ``child`` over ``parents`` as report evidence (``Report.merge``).
+
+    Per-module fits are summarised (count, worst residual); the references are kept so the
+    report says what was fitted against what.
+    """
+    fit = fit_merge_models(child, parents, base)
+    d = fit.to_dict()
+    per = d.pop("per_module", {}) or {}
+    d.update(child=child, parents=list(parents), base=base, modules=len(per),
+             worst_module_residual=max((float(m["residual"]) for m in per.values()), default=None))
+    return d

@@ -55,6 +55,17 @@ def meaningful_transforms(transforms: list[str]) -> list[str]:
     return [t for t in transforms if not re.search(r"^residual stream: identity\b", t) and not re.search(r"\b0 of \d+", t)]
 
 
+def _merge_lines(m: dict[str, Any], s: Any) -> list[str]:
+    tag = s("explains B", "green") if m.get("explains") else s("does NOT explain B", "red")
+    base = f" relative to base {m['base']}" if m.get("base") else " on the raw weights"
+    out = [f"  merge fit{base}: {m.get('method')}, residual {float(m.get('residual') or 0):.3g}: {tag}"]
+    for p, w, sd in zip(m.get("parents", []), m.get("weights", []), m.get("weights_std", [])):
+        out.append(f"    {float(w):7.3f} ± {float(sd):.3f}  {p}")
+    if m.get("t") is not None:
+        out.append(f"    SLERP t = {float(m['t']):.3f} ± {float(m.get('t_std') or 0):.3f}")
+    return out
+
+
 def render_text(report: Report, *, colour: bool = False, tensors: bool = False) -> str:
     """The report as a human-readable table."""
     s = Style(colour)
@@ -93,6 +104,8 @@ def render_text(report: Report, *, colour: bool = False, tensors: bool = False) 
         ac = report.adapter_check
         tag = s("verified", "green") if ac["verified"] else s("NOT verified", "red")
         out.append(f"  adapter {ac['adapter']}: {tag}: {ac['summary']}")
+    if report.merge:
+        out.extend(_merge_lines(report.merge, s))
     out.append("")
     out.extend(_grid(report, s))
     if tensors:

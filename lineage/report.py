@@ -78,6 +78,7 @@ class Report:
     canon: dict[str, Any] | None = None
     anatomy: dict[str, Any] | None = None
     adapter_check: dict[str, Any] | None = None
+    merge: dict[str, Any] | None = None
     timing: dict[str, float] = field(default_factory=dict)
     schema: str = SCHEMA
 
@@ -167,6 +168,7 @@ JSON_SCHEMA: dict[str, Any] = {
         "canon": {"type": ["object", "null"]},
         "anatomy": {"type": ["object", "null"]},
         "adapter_check": {"type": ["object", "null"]},
+        "merge": {"type": ["object", "null"]},
         "timing": {"type": "object"},
     },
 }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 #: p-value at or below which a pair is called derived.
 DERIVED_P = 1e-3
@@ -171,10 +171,13 @@ def decide_canonical(
     canon_log10_p: float,
     transforms: Sequence[str] = (),
     anatomy: dict[str, object] | None = None,
+    disguised: bool | None = None,
 ) -> Verdict:
     """Final verdict from the element-wise verdict, the canonical test and the anatomy (all pure inputs).
 
     ``anatomy`` is the :meth:`lineage.anatomy.Relation.to_dict` of the pair, or None.
+    ``disguised``: whether undoing the transforms found brought B much closer to A
+    (:mod:`lineage.realign`); None falls back to "the element-wise test missed it".
     """
     logs = [canon_log10_p] + ([elementwise.log10_p] if elementwise.log10_p is not None else [])
     log10_p = min(0.0, min(logs) + math.log10(2.0))
@@ -186,7 +189,8 @@ def decide_canonical(
     if elementwise.relation in ("identical", "re-encoded copy"):
         return Verdict(True, elementwise.relation, p, log10_p, elementwise.summary, NULL_CANONICAL, method, details)
     if log10_p <= math.log10(DERIVED_P):
-        disguised = elementwise.derived is not True
+        invisible = elementwise.derived is not True
+        disguised = invisible if disguised is None else (disguised or invisible)
         relation = "derived"
         if anatomy and anatomy.get("relation") in ANATOMY_RELATIONS:
             relation = str(anatomy["relation"])
@@ -195,7 +199,8 @@ def decide_canonical(
         how = f"; undone: {'; '.join(transforms)}" if disguised and transforms else ""
         summary = (
             f"Lineage found: log10 p = {log10_p:.1f} under the independent-initialisation null"
-            + (" — invisible element-wise, found only after canonicalisation" if disguised else "")
+            + (" — invisible element-wise, found only after canonicalisation" if invisible
+               else " — disguised by a function-preserving re-parameterisation" if disguised else "")
             + how + "."
         )
         return Verdict(True, relation, p, log10_p, summary, NULL_CANONICAL, method, details)
@@ -204,3 +209,21 @@ def decide_canonical(
         return Verdict(False, "unrelated", p, log10_p, summary, NULL_CANONICAL, method, details)
     summary = f"Weak evidence only (p = {p:.3g}); neither derived nor unrelated at the set thresholds."
     return Verdict(None, "inconclusive", p, log10_p, summary, NULL_CANONICAL, method, details)
+
+
+def with_merge(verdict: Verdict, merge: dict[str, object]) -> Verdict:
+    """The verdict once B has been fitted as a merge of candidate parents (``Report.merge``).
+
+    B is called a merge when it is derived, the fit explains it, and at least two
+    parents carry weight (a single dominant parent is an ordinary derivative of it).
+    """
+    weights = [float(w) for w in merge.get("weights", ()) or ()]  # type: ignore[union-attr]
+    carried = sum(1 for w in weights if abs(w) >= 0.05)
+    if verdict.derived is not True or not merge.get("explains") or carried < 2:
+        return verdict
+    method = str(merge.get("method"))
+    how = (f"SLERP t = {float(merge['t']):.3f}" if merge.get("t") is not None  # type: ignore[arg-type]
+           else "weights " + ", ".join(f"{w:.3f}" for w in weights))
+    relation = "merge (disguised)" if verdict.relation.endswith("(disguised)") else "merge"
+    summary = f"{verdict.summary} B is a {method} merge of the given parents ({how})."
+    return replace(verdict, relation=relation, summary=summary)

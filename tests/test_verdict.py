@@ -59,3 +59,20 @@ def test_log10_norm_sf_matches_scipy_across_the_tail() -> None:
     for z in (-5.0, 0.0, 1.0, 3.0, 10.0, 29.9, 30.0, 31.0, 60.0, 500.0):
         ref = float(special.log_ndtr(-z)) / 2.302585092994046
         assert abs(log10_norm_sf(z) - ref) < 1e-8 * max(1.0, abs(ref)), z
+
+
+def test_with_merge_needs_a_derived_pair_an_explaining_fit_and_two_weighted_parents() -> None:
+    from lineage.verdict import Verdict, with_merge
+
+    derived = Verdict(True, "fine-tune", 0.0, -400.0, "Lineage found.", "H0", "canonical+elementwise", {})
+    fit = {"method": "linear", "weights": [0.3, 0.7], "t": None, "explains": True}
+    assert with_merge(derived, fit).relation == "merge"
+    assert "0.300, 0.700" in with_merge(derived, fit).summary
+    slerp = with_merge(derived, {**fit, "method": "slerp", "t": 0.4})
+    assert slerp.relation == "merge" and "t = 0.400" in slerp.summary
+    assert with_merge(derived, {**fit, "explains": False}).relation == "fine-tune"
+    assert with_merge(derived, {**fit, "weights": [1.0, 0.01]}).relation == "fine-tune"
+    unrelated = Verdict(False, "unrelated", 0.5, -0.3, "No lineage.", "H0", "canonical+elementwise", {})
+    assert with_merge(unrelated, fit).relation == "unrelated"
+    disguised = Verdict(True, "fine-tune (disguised)", 0.0, -400.0, "x", "H0", "canonical+elementwise", {})
+    assert with_merge(disguised, fit).relation == "merge (disguised)"
