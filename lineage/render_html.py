@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections import defaultdict
+from typing import Any
 
 from lineage.plots import line_chart, page
 from lineage.report import Report
@@ -12,6 +13,40 @@ from lineage.render_text import GRID_KINDS, meaningful_transforms
 
 def _f(x: float | None, spec: str = ".4f") -> str:
     return "—" if x is None else format(x, spec)
+
+
+def _anatomy_html(anatomy: dict[str, Any]) -> list[str]:
+    e = html.escape
+    d = anatomy.get("details", {}) or {}
+    out = []
+    re_ = d.get("realigned")
+    if re_:
+        out.append(f"<p>Realigned onto A: ‖B − A‖/‖A‖ {float(re_['raw_rel']):.3g} as stored, "
+                   f"{float(re_['aligned_rel']):.3g} after undoing the transforms.</p>")
+    lr = d.get("lowrank") or {}
+    statuses, ranks = lr.get("statuses") or {}, lr.get("ranks") or {}
+    if statuses:
+        out.append("<h3>Per-module change</h3><table><tr><th class='l'>module</th><th class='l'>change</th>"
+                   "<th>rank</th></tr>")
+        for mod, st in statuses.items():
+            out.append(f"<tr><td class='l'>{e(mod)}</td><td class='l'>{e(str(st))}</td>"
+                       f"<td>{e(str(ranks.get(mod, '')))}</td></tr>")
+        out.append("</table>")
+    return out
+
+
+def _merge_html(m: dict[str, Any]) -> list[str]:
+    e = html.escape
+    verdict = "explains B" if m.get("explains") else "does not explain B"
+    base = f"relative to base {e(str(m['base']))}" if m.get("base") else "on the raw weights"
+    out = [f"<h3>Merge fit</h3><p>{e(str(m.get('method')))} {base}; residual {float(m.get('residual') or 0):.3g}: "
+           f"{verdict}.</p><table><tr><th class='l'>parent</th><th>weight</th><th>± spread</th></tr>"]
+    for p, w, sd in zip(m.get("parents", []), m.get("weights", []), m.get("weights_std", [])):
+        out.append(f"<tr><td class='l'>{e(str(p))}</td><td>{float(w):.3f}</td><td>{float(sd):.3f}</td></tr>")
+    out.append("</table>")
+    if m.get("t") is not None:
+        out.append(f"<p>SLERP t = {float(m['t']):.3f} ± {float(m.get('t_std') or 0):.3f}</p>")
+    return out
 
 
 def render_html(report: Report) -> str:
@@ -28,6 +63,9 @@ def render_html(report: Report) -> str:
         body.append("<p>Transforms undone: " + "; ".join(e(str(t)) for t in moved) + "</p>")
     if report.anatomy and report.anatomy.get("summary"):
         body.append(f"<p>Anatomy: {e(str(report.anatomy['summary']))}</p>")
+        body.extend(_anatomy_html(report.anatomy))
+    if report.merge:
+        body.extend(_merge_html(report.merge))
     series: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
     cos_series: dict[str, list[tuple[float, float | None]]] = defaultdict(list)
     for row in report.layers:
