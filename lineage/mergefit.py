@@ -58,6 +58,13 @@ def merge_evidence(child: str, parents: Sequence[str], base: str | None = None) 
     fit = fit_merge_models(child, parents, base)
     d = fit.to_dict()
     per = d.pop("per_module", {}) or {}
-    d.update(child=child, parents=list(parents), base=base, modules=len(per),
+    layers: dict[str, list[list[float]]] = {}
+    for role, m in per.items():
+        head = role.split(".", 1)[0]
+        key = head[1:] if head.startswith("L") and head[1:].isdigit() else "global"
+        layers.setdefault(key, []).append([float(w) for w in m["weights"]])
+    per_layer = {k: [float(torch.tensor(v).median(0).values[i]) for i in range(len(parents))]
+                 for k, v in sorted(layers.items(), key=lambda kv: (kv[0] == "global", int(kv[0]) if kv[0].isdigit() else 0))}
+    d.update(child=child, parents=list(parents), base=base, modules=len(per), per_layer_weights=per_layer,
              worst_module_residual=max((float(m["residual"]) for m in per.values()), default=None))
     return d
