@@ -224,6 +224,51 @@ def tree(models: tuple[str, ...], as_json: bool, html_path: str | None, no_progr
 
 
 @cli.command()
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--engine", type=click.Choice(["local", "dask", "ray"]), default="local", show_default=True,
+              help="Where tasks run: threads here, or a Dask / Ray cluster.")
+@click.option("--workers", type=int, default=0, help="Parallel tasks (0: one per core).")
+@click.option("--address", help="Scheduler address for --engine dask/ray (default: start a local cluster).")
+@click.option("--confirm", is_flag=True, help="Confirm every fingerprint link with the full weight comparison.")
+@click.option("--alpha", type=float, help="Per-pair link threshold (default: 1e-3 / number of pairs).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Fingerprint cache (default: $LINEAGE_CACHE/fingerprints).")
+@click.option("--refresh", is_flag=True, help="Recompute cached fingerprints.")
+@click.option("--json", "as_json", is_flag=True, help="Write the scan (schema lineage.scan/1) as JSON to stdout.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write the drawn tree as HTML.")
+@click.option("--no-progress", is_flag=True)
+def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | None, confirm: bool, alpha: float | None,
+         cache_dir: str | None, refresh: bool, as_json: bool, html_path: str | None, no_progress: bool) -> int:
+    """Scan SOURCES (folders, files, hf-cache[:PATH], org:NAME, Hub ids) and report the family tree.
+
+    Every model is fingerprinted (cached), fingerprints are compared pairwise, and linked
+    pairs form the tree; --confirm re-checks each link on the weights (type, direction).
+    """
+    import json
+
+    from lineage.scan import ScanOptions
+    from lineage.scan import scan as run_scan
+    from lineage.tree import render_html as tree_html
+
+    opts = ScanOptions(engine=engine, workers=workers, address=address, cache_dir=cache_dir, alpha=alpha,
+                       confirm=confirm, refresh=refresh)
+    bar = _progress(no_progress)
+    try:
+        result = run_scan(list(sources), opts, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        from lineage.scan import render_text as scan_text
+
+        click.echo(scan_text(result, colour=_want_colour(None, sys.stdout)), nl=False)
+    if html_path:
+        Path(html_path).write_text(tree_html(result.tree, title="lineage scan"), encoding="utf-8")
+    return 0
+
+
+@cli.command()
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Where to write the demo models (default: a cache folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as a JSON list.")
 @click.option("--color/--no-color", "colour", default=None)
