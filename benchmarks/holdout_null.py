@@ -5,7 +5,11 @@ script trains fresh independent models with another width, depth, learning rate,
 training text (stdlib docstrings instead of the language reference), then compares every pair
 and reports the p-value distribution.  Validity needs P(p <= a) <= a.
 
-    python benchmarks/holdout_null.py [--per-family 10] [--steps 150]
+    python benchmarks/holdout_null.py [--per-family 10] [--steps 150] [--zoo PATH]
+
+``--zoo PATH`` takes the tokenizer and text from an already built full zoo instead of calling
+``build_zoo("full")``.  The fingerprint test's held-out null is run by
+``benchmarks/fingerprint_accuracy.py --holdout`` over the same cached models.
 """
 
 from __future__ import annotations
@@ -49,9 +53,9 @@ def _configs(vocab: int) -> dict[str, TinyConfig]:
     }
 
 
-def build(cfg: HoldoutConfig) -> dict[str, list[Path]]:
-    zoo = build_zoo("full")
-    data = zoo.root / "data"
+def build(cfg: HoldoutConfig, zoo_root: Path | None = None) -> dict[str, list[Path]]:
+    """Train (or reuse from the cache) the held-out models; ``zoo_root`` is a built full zoo (its tokenizer and text)."""
+    data = (Path(zoo_root) if zoo_root is not None else build_zoo("full").root) / "data"
     tok = BPETokenizer.load(data)
     ids = torch.load(data / "docstrings.pt", weights_only=True)
     out = cache_dir("holdout", f"v{cfg.version}-{cfg.per_family}-{cfg.steps}-{cfg.lr}-{cfg.seed0}")
@@ -72,11 +76,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--per-family", type=int, default=HoldoutConfig.per_family)
     ap.add_argument("--steps", type=int, default=HoldoutConfig.steps)
+    ap.add_argument("--zoo", type=Path, help="an already built full zoo folder (opened as is)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = HoldoutConfig(per_family=args.per_family, steps=args.steps)
     t0 = time.perf_counter()
-    models = build(cfg)
+    models = build(cfg, args.zoo)
     t_build = time.perf_counter() - t0
     rows = []
     for fam, paths in models.items():

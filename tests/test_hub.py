@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import gguf
@@ -267,52 +268,80 @@ def test_adapter_repo_with_hub_base(hub):
     assert ck.metadata["adapter.base_model"] == "org/tiny"
 
 
-def test_tinyllama_shaped_fingerprint_reads(tmp_path, monkeypatch):
-    """A TinyLlama-1.1B-shaped checkpoint (sparse file): header and sampled reads vs size."""
-    root = tmp_path / "root"
-    d = root / "TinyLlama" / "TinyLlama-1.1B"
+def _llama_repo(d, hidden, ff, vocab, layers, heads, kv_heads, *, sparse=False, seed=0):
+    """A Llama-layout BF16 safetensors repo in ``d``: sparse (zeros, nothing on disk) or random weights."""
     d.mkdir(parents=True)
-    hidden, ff, vocab, layers, kv = 2048, 5632, 32000, 22, 256
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "model.norm.weight": (hidden,)}
+    kvd = kv_heads * (hidden // heads)
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden),
-                       p + "self_attn.k_proj.weight": (kv, hidden),
-                       p + "self_attn.v_proj.weight": (kv, hidden),
-                       p + "self_attn.o_proj.weight": (hidden, hidden),
+        shapes.update({p + "input_layernorm.weight": (hidden,), p + "self_attn.q_proj.weight": (hidden, hidden),
+                       p + "self_attn.k_proj.weight": (kvd, hidden), p + "self_attn.v_proj.weight": (kvd, hidden),
+                       p + "self_attn.o_proj.weight": (hidden, hidden), p + "post_attention_layernorm.weight": (hidden,),
                        p + "mlp.gate_proj.weight": (ff, hidden), p + "mlp.up_proj.weight": (ff, hidden),
-                       p + "mlp.down_proj.weight": (hidden, ff),
-                       p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
+                       p + "mlp.down_proj.weight": (hidden, ff)})
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     header, off = {}, 0
     for n, s in shapes.items():
-        nb = 2
-        for x in s:
-            nb *= x
+        nb = 2 * math.prod(s)
         header[n] = {"dtype": "BF16", "shape": list(s), "data_offsets": [off, off + nb]}
         off += nb
     hb = json.dumps(header).encode()
     hb += b" " * (-len(hb) % 8)
+    g = torch.Generator().manual_seed(seed)
     with open(d / "model.safetensors", "wb") as f:
         f.write(len(hb).to_bytes(8, "little") + hb)
-        f.truncate(8 + len(hb) + off)  # sparse: 2.2 GB apparent, nothing on disk
+        if sparse:
+            f.truncate(8 + len(hb) + off)  # apparent size only
+        else:
+            for n, s in shapes.items():
+                t = 1.0 + 0.1 * torch.randn(s, generator=g) if len(s) == 1 else torch.randn(s, generator=g) / s[-1] ** 0.5
+                f.write(t.bfloat16().view(torch.int16).numpy().tobytes())
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "num_hidden_layers": layers, "intermediate_size": ff, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "tie_word_embeddings": False}))
+    return 8 + len(hb) + off
+
+
+def test_tinyllama_shaped_fingerprint_reads(tmp_path, monkeypatch):
+    """The fingerprint of a Hub repo read by HTTP ranges reads < 5 % of it (TinyLlama proportions, narrow)."""
+    from lineage.fpcompare import write_fingerprint
+
+    root = tmp_path / "root"
+    # TinyLlama-1.1B proportions (ff = 2.75 h, GQA 32/4, vocab ≈ 15.6 h, 22 layers) at hidden 384
+    size = _llama_repo(root / "TinyLlama" / "narrow", 384, 1056, 6000, 22, 32, 4)
     with HubServer(root) as srv:
         monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
         monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-        ck = open_checkpoint("TinyLlama/TinyLlama-1.1B")
-        size = ck.sources[0].size
-        header_read = ck.bytes_read
-        # fingerprint-like sample: 1024 embedding rows + 32 rows of every matrix in every layer
-        ck.read("model.embed_tokens.weight", 0, 1024)
-        for n, m in ck.tensors.items():
-            if n.startswith("model.layers.") and len(m.shape) == 2:
-                ck.read(n, 0, 32)
-        sample = ck.bytes_read
-    frac = sample / size
-    logging.getLogger(__name__).info("TinyLlama-shaped: size=%d header=%d sample=%d (%.2f%%)",
-                                     size, header_read, sample, 100 * frac)
-    assert size > 2_000_000_000 and header_read < 40_000 and frac < 0.05
+        info = write_fingerprint("TinyLlama/narrow", tmp_path / "n.lfp")
+        ranged = [r for r in srv.requests if r[2]]
+        fp_local = write_fingerprint(str(root / "TinyLlama" / "narrow"), tmp_path / "local.lfp")
+    logging.getLogger(__name__).info("narrow TinyLlama: read %d of %d (%.2f%%) in %d requests", info["bytes_read"],
+                                     size, 100 * info["read_fraction"], info["requests"])
+    assert info["bytes_read"] < 0.05 * size and info["read_fraction"] < 0.05
+    assert srv.bytes_sent < 0.05 * size
+    assert 0 < info["requests"] <= 200 and len(ranged) == info["requests"]
+    assert fp_local["bytes_read"] == info["bytes_read"]  # same plan locally and remotely
+    from lineage.fingerprint import compare_fingerprints, load_fingerprint
+
+    fa, fb = load_fingerprint(tmp_path / "n.lfp"), load_fingerprint(tmp_path / "local.lfp")
+    assert compare_fingerprints(fa, fb).log10_p < -10
+
+
+def test_tinyllama_geometry_fingerprint_read_fraction(tmp_path, monkeypatch):
+    """The exact TinyLlama-1.1B geometry (a sparse 2.2 GB file: zeros, nothing on disk): < 5 % read."""
+    from lineage.fpcompare import write_fingerprint
+
+    root = tmp_path / "root"
+    size = _llama_repo(root / "TinyLlama" / "TinyLlama-1.1B", 2048, 5632, 32000, 22, 32, 4, sparse=True)
+    with HubServer(root) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        info = write_fingerprint("TinyLlama/TinyLlama-1.1B", tmp_path / "t.lfp")
+    logging.getLogger(__name__).info("TinyLlama geometry: read %d of %d (%.2f%%) in %d requests", info["bytes_read"],
+                                     size, 100 * info["read_fraction"], info["requests"])
+    assert size > 2_000_000_000 and info["read_fraction"] < 0.05 and srv.bytes_sent < 0.05 * size
 
 
 def test_inspect_hub_ref(hub):

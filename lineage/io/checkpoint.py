@@ -321,3 +321,42 @@ def open_checkpoint(ref: str | os.PathLike[str]) -> Checkpoint:
             path=ref,
         )
     raise UnsupportedFormatError(f"unrecognised model file type {p.suffix or '(none)'!r}", path=ref)
+
+
+# ---------------------------------------------------------------------------- sparse row reads
+
+
+def read_row_set(ckpt: Checkpoint, name: str, rows: "list[int] | tuple[int, ...]", *,
+                 max_gap_bytes: int = 8 << 10) -> torch.Tensor:
+    """Rows ``rows`` (any order, repeats allowed) of tensor ``name`` as float32, in the order given.
+
+    The rows are read as few contiguous spans: sorted, and neighbours closer than
+    ``max_gap_bytes`` of storage are merged into one read (one HTTP range request
+    on a remote source), so a scattered sample costs one request per cluster
+    rather than one per row.
+    """
+    meta = ckpt._meta(name)
+    if not rows:
+        return torch.empty((0, *meta.shape[1:]), dtype=torch.float32)
+    n = meta.n_rows
+    if min(rows) < 0 or max(rows) >= n:
+        raise CheckpointError(f"row index outside tensor {name!r} with {n} rows", path=ckpt.ref)
+    row_bytes = max(1, meta.nbytes // max(1, n))
+    gap_rows = max_gap_bytes // row_bytes
+    uniq = sorted(set(int(r) for r in rows))
+    spans: list[tuple[int, int]] = []
+    for r in uniq:
+        if spans and r - spans[-1][1] <= gap_rows:
+            spans[-1] = (spans[-1][0], r + 1)
+        else:
+            spans.append((r, r + 1))
+    where: dict[int, int] = {}
+    parts = []
+    base = 0
+    for a, b in spans:
+        parts.append(ckpt.read(name, a, b))
+        for r in range(a, b):
+            where[r] = base + r - a
+        base += b - a
+    block = torch.cat(parts) if len(parts) > 1 else parts[0]
+    return block[torch.as_tensor([where[int(r)] for r in rows], dtype=torch.int64)].contiguous()
