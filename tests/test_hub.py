@@ -134,7 +134,8 @@ def test_parse_refs(tmp_path):
     assert parse_hub_ref("not a ref") is None
 
 
-def test_header_then_exact_ranges(hub):
+def test_header_then_exact_ranges(hub, monkeypatch):
+    monkeypatch.setenv("LINEAGE_SPILL", "0")  # exact network ranges (the spill cache is tested in test_spill.py)
     srv, sd, _ = hub
     ck = open_checkpoint("org/tiny")
     assert ck.format == "safetensors"
@@ -241,7 +242,8 @@ def test_bin_repo_needs_download(hub, monkeypatch):
                        sd["model.layers.0.mlp.up_proj.weight"])
 
 
-def test_gguf_repo(hub):
+def test_gguf_repo(hub, monkeypatch):
+    monkeypatch.setenv("LINEAGE_SPILL", "0")  # exact network ranges (the spill cache is tested in test_spill.py)
     srv, sd, _ = hub
     with pytest.raises(CheckpointError, match="2 GGUF files"):
         open_checkpoint("org/tiny-gguf")

@@ -32,6 +32,7 @@ from urllib.parse import quote
 from lineage.errors import CheckpointError, RemoteError, ShardError
 from lineage.io.checkpoint import Checkpoint, open_safetensors_sources
 from lineage.io.http import HttpOptions, HttpRangeSource
+from lineage.io.spill import SpilledSource, spill_enabled
 from lineage.io.sources import ByteSource, LocalFileSource
 
 log = logging.getLogger(__name__)
@@ -222,10 +223,12 @@ class HubRepo:
             return LocalFileSource(hit)
         if self.options.download:
             return LocalFileSource(self.fetch(filename))
-        return HttpRangeSource(
+        remote = HttpRangeSource(
             self.url(filename), size=self.files.get(filename), token=self.options.token,
             options=self.options.http,
         )
+        # later passes of a comparison re-read spans: keep what was fetched on local disk
+        return SpilledSource(remote) if spill_enabled() else remote
 
     def list(self, folder: str) -> list[str]:
         pre = f"{folder}/" if folder else ""
