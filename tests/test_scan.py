@@ -134,3 +134,26 @@ def test_scan_cli_json_and_bad_source(scan_dir: Path, tmp_path: Path, capsys) ->
         main(["scan", str(tmp_path / "nothing-here"), "--no-progress"])
     assert e.value.code == 2
     assert "not a file, folder" in capsys.readouterr().err
+
+
+def test_scan_hub_organisation_over_http(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from lineage.io.discover import discover_hub_org
+    from lineage.testing.hubserver import HubServer
+
+    root = tmp_path / "hub"
+    for name in ("base", "derived", "unrelated"):
+        shutil.copytree(tiny_models[name], root / "acme" / name)
+    shutil.copytree(tiny_models["gpt2_base"], root / "other" / "gpt2")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    for v in ("HF_TOKEN", "LINEAGE_HUB_DOWNLOAD", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    with HubServer(root) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
+        assert [e.ref for e in discover_hub_org("acme")] == ["acme/base", "acme/derived", "acme/unrelated"]
+        res = scan(["org:acme"], ScanOptions(cache_dir=str(tmp_path / "fp"), workers=2))
+    assert {(p.a, p.b) for p in res.pairs} == {("acme/base", "acme/derived")}
+    assert all(m.ok and m.origin == "hub" for m in res.models)
+    # read by HTTP ranges: each model's fingerprint read only part of its weights
+    assert all(m.bytes_read is not None and 0 < m.bytes_read < m.total_bytes for m in res.models)

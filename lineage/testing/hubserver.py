@@ -6,6 +6,7 @@ It serves a folder of repositories ``root/org/name/<files>`` under the Hub's URL
   info as ``huggingface_hub.HfApi.model_info`` expects (``sha``, ``siblings`` with
   ``size``/``blobId``/``lfs`` when ``blobs=true``).
 - ``GET /api/models/{org}/{name}/tree/{rev}[/{path}]``: the file listing.
+- ``GET /api/models?author={org}``: the repositories of an owner (``HfApi.list_models``).
 - ``HEAD|GET /{org}/{name}/resolve/{rev}/{path}``: small files are answered directly;
   "LFS" files (weights) get a 302 to ``/_cdn/...`` like the Hub's CDN redirect, with
   ``X-Repo-Commit``, ``X-Linked-Etag``, ``X-Linked-Size`` and ``ETag`` headers.
@@ -227,6 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _route(self, path: str, query: dict[str, list[str]], fault: Fault | None) -> None:
+        if path in ("/api/models", "/api/models/"):
+            return self._list_models(query)
         m = re.fullmatch(r"/api/models/([\w.-]+/[\w.-]+)(?:/revision/([^/]+))?", path)
         if m:
             return self._model_info(m.group(1), m.group(2) or "main", query)
@@ -266,6 +269,22 @@ class _Handler(BaseHTTPRequestHandler):
                 out["lfs"] = {"sha256": hashlib.sha256(rel.encode()).hexdigest(), "size": size,
                               "pointerSize": 134}
         return out
+
+    def _list_models(self, query: dict[str, list[str]]) -> None:
+        """``GET /api/models?author=ORG[&limit=N]``: the (non-gated-filtered) repositories of an owner."""
+        author = query.get("author", [None])[0]
+        limit = int(query.get("limit", ["0"])[0] or 0)
+        owners = [author] if author else sorted(p.name for p in self.hub.root.iterdir() if p.is_dir())
+        out = []
+        for owner in owners:
+            d = self.hub.root / owner
+            if not d.is_dir() or not re.fullmatch(r"[\w.-]+", owner):
+                continue
+            for repo in sorted(p for p in d.iterdir() if p.is_dir()):
+                repo_id = f"{owner}/{repo.name}"
+                out.append({"_id": self.hub.commit(repo)[:24], "id": repo_id, "modelId": repo_id, "author": owner,
+                            "sha": self.hub.commit(repo), "private": False, "tags": [], "downloads": 0, "likes": 0})
+        self._send_json(200, out[:limit] if limit else out)
 
     def _model_info(self, repo_id: str, rev: str, query: dict[str, list[str]]) -> None:
         got = self._repo(repo_id, rev)
