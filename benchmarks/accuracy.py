@@ -178,14 +178,10 @@ def run_pair(zoo: Zoo, rec: Record, cfg: Config) -> None:
     try:
         report = compare(path_a, path_b, options=CompareOptions(canonicalise=cfg.canonicalise))
         if rec.parents:
-            import dataclasses
-
-            from lineage.mergefit import merge_evidence
-            from lineage.verdict import with_merge
+            from lineage.mergefit import apply_merge, merge_evidence
 
             base = zoo.model(rec.merge_base)["path"] if rec.merge_base else None
-            merge = merge_evidence(path_b, [zoo.model(x)["path"] for x in rec.parents], base)
-            report = dataclasses.replace(report, merge=merge, verdict=with_merge(report.verdict, merge))
+            report = apply_merge(report, merge_evidence(path_b, [zoo.model(x)["path"] for x in rec.parents], base))
     except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
         rec.seconds = time.perf_counter() - t0
         rec.error = f"{type(e).__name__}: {e}"[:300]
@@ -417,10 +413,17 @@ def summarise(recs: list[Record]) -> dict[str, Any]:
     depth = [r for r in pos if r.hops == 1 and "layer_map" in r.truth]
     s["layer_map"] = [{"a": r.a, "b": r.b, "true": r.truth["layer_map"],
                        "recovered": _lookup(r.details, "layer_map")} for r in depth]
-    dirs = [(r, _lookup(r.details, "direction")) for r in pos if r.relation != "lora_adapter"]
+    # pure re-parameterisations (and a vocabulary reorder) are invertible and involve no training:
+    # no weight statistic says which of the two came first, so they are left out of the figure
+    undecidable = [r for r in pos if r.relation == "disguised" or r.variant == "vocab-perm"]
+    dirs = [(r, _lookup(r.details, "direction")) for r in pos
+            if r.relation != "lora_adapter" and r.group != "merge_control" and r not in undecidable]
     known = [(r, d) for r, d in dirs if d is not None]
-    s["direction"] = {"n": len(dirs), "reported": len(known),
-                      "correct": sum(1 for r, d in known if str(d).lower() in ("a->b", "a→b", "a", "forward"))}
+    s["direction"] = {"n": len(dirs), "reported": len(known), "excluded_undecidable": len(undecidable),
+                      "correct": sum(1 for r, d in known if str(d).lower() in ("a->b", "a→b", "a", "forward")),
+                      "wrong": [f"{r.a} -> {r.b} ({r.relation})" for r, d in known
+                                if str(d).lower() not in ("a->b", "a→b", "a", "forward")],
+                      "undecided": [f"{r.a} -> {r.b} ({r.relation})" for r, d in dirs if d is None]}
     secs = [r.seconds for r in recs if r.seconds is not None]
     s["seconds_per_pair"] = {"median": statistics.median(secs) if secs else None,
                              "p90": sorted(secs)[int(0.9 * (len(secs) - 1))] if secs else None,
@@ -531,7 +534,11 @@ def write_markdown(path: Path, s: dict[str, Any], cfg: Config, meta: dict[str, A
     L.append(f"- Layer map exact: {frac(s['layer_map'], lambda x: list(x['recovered']) == list(x['true']))}")
     d = s["direction"]
     L.append("- Direction (parent → child): " + (f"{d['correct']}/{d['n']} correct ({d['reported']} reported)"
-                                                  if d["reported"] else f"{NI} ({d['n']} pairs)"))
+                                                  if d["reported"] else f"{NI} ({d['n']} pairs)")
+             + f"; {d.get('excluded_undecidable', 0)} pure re-parameterisations (disguises, vocabulary reorder) "
+             "left out: invertible without training, no weight statistic orders them"
+             + (f"; wrong: {', '.join(d['wrong'])}" if d.get("wrong") else "")
+             + (f"; undecided: {', '.join(d['undecided'])}" if d.get("undecided") else ""))
     L.append("\nLoRA ranks (true → recovered): " + ", ".join(
         f"{x['b']}{' (adapter)' if 'adapter' in x['variant'] else ''}: {x['true']} → {x['recovered'] if x['recovered'] is not None else 'n/i'}" for x in s["lora_rank"]))
     L.append("\nSee `accuracy.json` for every pair and `accuracy.html` for the QQ plot of null p-values.\n")

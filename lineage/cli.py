@@ -88,14 +88,10 @@ def compare(
 
         report = dataclasses.replace(report, adapter_check=check_adapter(a, b, adapter).to_dict())
     if parents:
-        import dataclasses
-
-        from lineage.mergefit import merge_evidence
-        from lineage.verdict import with_merge
+        from lineage.mergefit import apply_merge, merge_evidence
 
         base = merge_base if merge_base is not None else (None if a in parents else a)
-        merge = merge_evidence(b, list(parents), base)
-        report = dataclasses.replace(report, merge=merge, verdict=with_merge(report.verdict, merge))
+        report = apply_merge(report, merge_evidence(b, list(parents), base))
     if as_json:
         click.echo(report.to_json())
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -68,3 +70,24 @@ def merge_evidence(child: str, parents: Sequence[str], base: str | None = None) 
     d.update(child=child, parents=list(parents), base=base, modules=len(per), per_layer_weights=per_layer,
              worst_module_residual=max((float(m["residual"]) for m in per.values()), default=None))
     return d
+
+
+def apply_merge(report: Any, merge: dict[str, object]) -> Any:
+    """``report`` with its merge evidence attached and, when B is a merge, the verdict and direction set.
+
+    A is then on B's parent side (a named parent or the parents' base), so the anatomy's
+    direction becomes "A is the parent", decided by the merge fit.
+    """
+    from lineage.verdict import with_merge
+
+    verdict = with_merge(report.verdict, merge)
+    anatomy = report.anatomy
+    if verdict.relation.startswith("merge") and not report.verdict.relation.startswith("merge"):
+        anatomy = dict(anatomy or {})
+        anatomy["parent"] = "a"
+        details = dict(anatomy.get("details") or {})
+        details["direction"] = {"parent": "a", "decided_by": "merge fit", "confidence": 0.95}
+        anatomy["details"] = details
+        anatomy["relation"] = "merge"
+        anatomy["summary"] = f"merge of the given parents ({merge.get('method')}); A is on the parent side"
+    return replace(report, merge=merge, verdict=verdict, anatomy=anatomy)
