@@ -28,10 +28,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lineage.lazyroles import PairView, is_lazy, map_roles, numel_of, remember, shape_of
 from lineage.signals.direction import direction
-from lineage.signals.lowrank import LowRankConfig, lowrank_modules, summarise
+from lineage.signals.lowrank import LowRankConfig, lowrank, lowrank_key, lowrank_modules, summarise
 from lineage.signals.merge import fit_merge
-from lineage.signals.quantgrid import detect_modules
+from lineage.signals.pairstats import memo_pair_stats, pair_stats
+from lineage.signals.quantgrid import detect_grid, detect_key, detect_modules
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +101,32 @@ def explain(
     """
     cfg = config or AnatomyConfig()
     a, b = pair.a, pair.b
-    roles = [r for r in a if r in b and a[r].shape == b[r].shape and a[r].numel() > 1]
+    # ``a`` and ``b`` may read on access (lineage.lazyroles): shapes come from shape_of and
+    # every pass below visits each module once.
+    roles = [r for r in a if r in b and shape_of(a, r) == shape_of(b, r) and numel_of(a, r) > 1]
+    workers = None if is_lazy(a, b) else 1
     details: dict[str, object] = {"modules_compared": len(roles)}
     if not roles:
         return Relation("unrelated", None, 0.0, {**details, "reason": "no shared module"})
 
     # 1. related at all?
-    pears = [p for p in (_pearson(a[r], b[r]) for r in roles) if p is not None]
-    sizes = sorted(a[r].numel() for r in roles)
+    speculate = workers is None and isinstance(getattr(a, "memo", None), dict)
+
+    def first_pass(r: str) -> float | None:
+        # Read-on-access models: each module is read once here.  Besides its correlation, the
+        # per-module results later steps need are computed now for the orientation a → b (the
+        # usual one) and remembered on ``a``; if B turns out to be the parent they are recomputed.
+        if not speculate:
+            return memo_pair_stats(a, b, r).pearson
+        x, y = a[r], b[r]
+        st = remember(a, ("pair_stats", id(b), r), lambda: pair_stats(x, y))
+        if x.dim() == 2:
+            remember(a, lowrank_key(b, r, cfg.lowrank), lambda: lowrank(x, y, config=cfg.lowrank))
+            remember(a, detect_key(b, r, 128), lambda: detect_grid(y, x, max_rows=128))
+        return st.pearson
+
+    pears = [p for _, p in map_roles(first_pass, roles, workers=workers) if p is not None]
+    sizes = sorted(numel_of(a, r) for r in roles)
     med_r = sorted(pears)[len(pears) // 2] if pears else 0.0
     details["pearson_median"] = med_r
     if pair.p_value is not None:
@@ -136,12 +156,11 @@ def explain(
     # 3. orient parent → child
     parent_side = dirn.parent or "a"
     P, C = (a, b) if parent_side == "a" else (b, a)
-    pairs = {r: (P[r], C[r]) for r in roles}
 
     # 4. identical / re-encoded
     if all(torch.equal(P[r], C[r]) for r in roles):
         return Relation("identical", None, 1.0, {**details, "encoding": "same values"})
-    mats = {r: v for r, v in pairs.items() if v[0].dim() == 2}
+    mats = PairView(P, C, [r for r in roles if len(shape_of(P, r)) == 2])
     lr, summ = lowrank_modules(mats, cfg.lowrank)
     details["lowrank"] = summ.to_dict()
     rel = sorted(x.rel_delta for x in lr.values() if x.rel_delta is not None)
@@ -152,7 +171,7 @@ def explain(
         return Relation("identical", dirn.parent, 0.99,
                         {**details, "encoding": f"re-encoded ({', '.join(grids)})" if grids else "same"})
 
-    _, qsum = detect_modules({r: (p, c) for r, (p, c) in mats.items()})
+    _, qsum = detect_modules(mats)
     details["quant"] = qsum.to_dict()
     quantised = qsum.fraction_on_grid >= 0.5
     if quantised:

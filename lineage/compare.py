@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -373,25 +373,41 @@ def _anatomy(
 ) -> dict[str, Any] | None:
     """Typed relation of B to A (LoRA rank, quantisation, fine-tune…) on the raw pairing.
 
-    Runs only when the pair is related element-wise (a disguised pair needs aligned weights)
-    and the models fit the in-memory budget.
+    Runs only when the pair is related element-wise (a disguised pair needs aligned weights).
+    Streamed: the anatomy reads one module pair at a time from the checkpoints
+    (:class:`lineage.lazyroles.LazyRoles`), so memory stays at a few tensors whatever the
+    model size.  Roles whose tensors the streaming stage found non-finite are left out.
     """
     if verdict.derived is not True or verdict.relation == "identical":
         return None
-    float32_bytes = 4 * max(sum(m.numel for m in c.tensors.values()) for c in (ca, cb))
-    if float32_bytes > ANATOMY_MAX_BYTES:
-        findings.append(Finding("info", f"derivation anatomy skipped: models above {ANATOMY_MAX_BYTES >> 20} MB in float32 "
-                                        "(streamed anatomy not implemented yet)"))
-        return None
     from lineage.anatomy import AlignedPair, explain
+    from lineage.lazyroles import LazyRoles, keep_freed_memory
 
-    a: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    if 4 * max(sum(m.numel for m in c.tensors.values()) for c in (ca, cb)) > ANATOMY_MAX_BYTES:
+        keep_freed_memory()  # large models: tens of MB allocated per module and pass
+    bad = {(f.model, f.tensor) for f in findings if f.severity == "error" and f.tensor}
+    views_a: dict[str, Any] = {}
+    views_b: dict[str, Any] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for m in pairing.matched:
-        if tuple(m.shape_a) == tuple(m.shape_b):
-            ta, tb = read_role(ca, m.view_a), read_role(cb, m.view_b)
-            if bool(torch.isfinite(ta).all()) and bool(torch.isfinite(tb).all()):
-                a[m.role], b[m.role] = ta, tb
+        if tuple(m.shape_a) != tuple(m.shape_b):
+            continue
+        ta, tb = m.view_a.tensor, m.view_b.tensor
+        if ("a", ta) in bad or ("b", tb) in bad or (None, ta) in bad:
+            continue
+        views_a[m.role], views_b[m.role], shapes[m.role] = m.view_a, m.view_b, tuple(m.shape_a)
+    def rows_reader(ckpt: Checkpoint, views: dict[str, Any]):
+        def read_rows(role: str, index: torch.Tensor) -> torch.Tensor:
+            view = views[role]
+            meta = ckpt.tensors.get(view.tensor)
+            if view.is_plain and meta is not None and len(meta.shape) == 2:  # only the rows asked for
+                return torch.cat([ckpt.read(view.tensor, int(i), int(i) + 1) for i in index.tolist()])
+            return read_role(ckpt, view)[index]
+        return read_rows
+
+    a = LazyRoles(lambda r: read_role(ca, views_a[r]), shapes, read_rows=rows_reader(ca, views_a))
+    b = LazyRoles(lambda r: read_role(cb, views_b[r]), shapes, read_rows=rows_reader(cb, views_b))
     p = None if log10_p is None else p_from_log10(log10_p)
     dropped: tuple[int, ...] = ()
     lmap = getattr(canon, "layer_map", None)
@@ -406,6 +422,8 @@ def _anatomy(
         return None
     out = rel.to_dict()
     out["summary"] = _anatomy_summary(out)
+    out["timing_s"] = time.perf_counter() - t0
+    log.info("anatomy: %s in %.1f s (%d + %d tensor reads)", rel.relation, out["timing_s"], a.reads, b.reads)
     return out
 
 
@@ -472,9 +490,36 @@ def _realigned_anatomy(
             findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
             return None, True
         rel.details["realigned"] = close.to_dict()
+        if rel.parent is None and rel.relation != "identical":
+            # realigned weights have lost their storage grid; precision loss is still one-way
+            bits_a, bits_b = _storage_bits(ca), _storage_bits(cb)
+            if bits_a is not None and bits_b is not None and abs(bits_a - bits_b) >= 1.0:
+                rel = replace(rel, parent="a" if bits_a > bits_b else "b", confidence=0.9)
+                rel.details["direction"] = {"parent": rel.parent, "decided_by": "storage precision",
+                                            "bits_per_weight": [bits_a, bits_b]}
     out = rel.to_dict()
     out["summary"] = _anatomy_summary(out)
     return out, True
+
+
+#: Bits per weight of storage formats (GGUF block formats include their scales).
+_BITS = {"F64": 64.0, "F32": 32.0, "F16": 16.0, "BF16": 16.0, "F8_E4M3": 8.0, "F8_E5M2": 8.0, "I8": 8.0,
+         "Q8_0": 8.5, "Q8_1": 9.0, "Q6_K": 6.5625, "Q5_0": 5.5, "Q5_1": 6.0, "Q5_K": 5.5, "Q4_0": 4.5,
+         "Q4_1": 5.0, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}
+
+
+def _storage_bits(ck: Checkpoint) -> float | None:
+    """Element-weighted mean bits per weight of a checkpoint's 2-D tensors (None if a format is unknown)."""
+    tot = n = 0.0
+    for m in ck.tensors.values():
+        if len(m.shape) != 2:
+            continue
+        b = _BITS.get(str(m.dtype).upper())
+        if b is None:
+            return None
+        tot += b * m.numel
+        n += m.numel
+    return tot / n if n else None
 
 
 def _anatomy_summary(rel: dict[str, Any]) -> str:

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger(__name__)
 
 ROOT = "__root__"
+#: Extra cost (× direction_weight) of an edge whose link is ``between``.
+BETWEEN_PENALTY = 0.5
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class Link:
     parent: str | None = None      # name of the side believed to be the parent, or None
     confidence: float = 0.0        # of the direction, in [0, 1]
     relation: str = "related"      # edge type (fine-tune, lora merge, quantised copy, ...)
+    #: neither side looks like an independent-update ancestor of the other (siblings, or a merge
+    #: seen from one of its parents): see ``lineage.signals.direction.BETWEEN_RATIO``
+    between: bool = False
+    #: the direction rests on one-way evidence (grid, precision, sparsity, shape surgery)
+    one_way: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Edge:
     relation: str
     distance: float
     confidence: float
+    #: further parents of a merge child (``relation == "merge"``); ``parent`` is the main one
+    other_parents: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -148,8 +157,15 @@ def build_tree(
     *,
     direction_weight: float = 1.0,
     root_cost: float | None = None,
+    merges: Mapping[str, Sequence[str]] | None = None,
 ) -> Tree:
-    """Family tree of ``names`` from pairwise :class:`Link` evidence."""
+    """Family tree of ``names`` from pairwise :class:`Link` evidence.
+
+    ``merges`` maps a model found to be a merge (see :func:`lineage.signals.direction.between`)
+    to its parents, main parent first: its only candidate parents are then those, and its edge
+    is typed "merge" with the others in ``Edge.other_parents``.
+    """
+    merges = {c: tuple(ps) for c, ps in (merges or {}).items()}
     links = list(pairwise.values()) if isinstance(pairwise, Mapping) else list(pairwise)
     names = list(dict.fromkeys(names))
     known = set(names)
@@ -165,6 +181,16 @@ def build_tree(
                 c += direction_weight * lk.confidence
             elif lk.parent is None:
                 c += 0.5 * direction_weight * 1e-3  # undecided: keep ties deterministic
+            if lk.between:
+                # neither side is an independent-update ancestor of the other (siblings, or a
+                # merge seen from one parent): a poor parent → child edge in both orientations
+                c += BETWEEN_PENALTY * direction_weight
+            if v in merges and u not in merges[v]:
+                continue  # a merge child's parents are known
+            if u in merges and v in merges[u]:
+                continue  # … and it is not their parent
+            if v in merges:
+                c = lk.distance * (1.0 if u == merges[v][0] else 1.5)
             if (u, v) not in edges or c < edges[(u, v)]:
                 edges[(u, v)] = c
                 info[(u, v)] = lk
@@ -184,6 +210,10 @@ def build_tree(
             roots.append(v)
             continue
         lk = info[(p, v)]
+        if v in merges:
+            out_edges.append(Edge(p, v, "merge", lk.distance, max(lk.confidence, 0.9),
+                                  tuple(x for x in merges[v] if x != p)))
+            continue
         out_edges.append(Edge(p, v, lk.relation, lk.distance,
                               lk.confidence if lk.parent == p else 0.0 if lk.parent is None
                               else -lk.confidence))
@@ -208,6 +238,8 @@ def render_text(tree: Tree) -> str:
 
     def walk(node: str, prefix: str, last: bool, edge: Edge | None, top: bool) -> None:
         label = node if edge is None else f"{node}  [{edge.relation}, d={edge.distance:.3g}]"
+        if edge is not None and edge.other_parents:
+            label += f"  (also from {', '.join(edge.other_parents)})"
         lines.append(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
         kids = [e for e in tree.edges if e.parent == node]
         kids.sort(key=lambda e: e.child)
@@ -266,6 +298,11 @@ def render_html(tree: Tree, title: str = "lineage family tree") -> str:
                      f'stroke="{col}" stroke-width="2" marker-end="url(#arr)"/>')
         parts.append(f'<text x="{(x1 + x2) / 2 + 4:.1f}" y="{(y1 + y2) / 2:.1f}" fill="{col}">'
                      f'{html.escape(e.relation)}</text>')
+        for q in e.other_parents:  # second parent of a merge: dashed
+            if q in pos:
+                (x3, y3) = xy(q)
+                parts.append(f'<line x1="{x3:.1f}" y1="{y3 + 14:.1f}" x2="{x2:.1f}" y2="{y2 - 16:.1f}" '
+                             f'stroke="{col}" stroke-width="2" stroke-dasharray="5,4" marker-end="url(#arr)"/>')
     for n in tree.nodes:
         x, y = xy(n)
         parts.append(f'<rect x="{x - 75:.1f}" y="{y - 14:.1f}" width="150" height="28" rx="6" '

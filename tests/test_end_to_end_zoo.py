@@ -103,3 +103,51 @@ def test_fingerprint_cli_roundtrip(zoo: Zoo, tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as e:
         main(["compare", str(bad), zoo.path("llama-b0")])
     assert e.value.code == 2 and str(bad) in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- GGUF K-quants and disguised GGUF
+
+@pytest.mark.parametrize(
+    "parent, child, fmt, types",
+    [
+        # rows of 256: real K-quants (Q6_K for output, layer-1 attn_v and ffn_down)
+        ("llama-wide0", "llama-wide0-gguf-Q4_K_M", "Q4_K", {"Q4_K", "Q6_K", "F32"}),
+        # rows of 32/64: llama.cpp's fallback for K-quants (Q5_0, and Q8_0 for the Q6_K tensors)
+        ("llama-b0", "llama-b0-gguf-Q4_K_M", "Q5_0", {"Q5_0", "Q8_0", "F32"}),
+    ],
+)
+def test_gguf_q4_k_m_is_a_quantised_copy(zoo: Zoo, parent: str, child: str, fmt: str, types: set[str],
+                                         capsys) -> None:
+    import json
+
+    from gguf import GGUFReader
+
+    from lineage.cli import main
+
+    m = zoo.model(child)
+    planted = zoo.truth(child)["tensor_types"]
+    stored = {t.name: t.tensor_type.name for t in GGUFReader(m["path"]).tensors}
+    assert stored == planted and set(stored.values()) == types
+    assert stored["output.weight"] == ("Q6_K" if fmt == "Q4_K" else "Q8_0")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", zoo.path(parent), m["path"], "--json"])
+    assert e.value.code == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["verdict"]["derived"] is True and rep["verdict"]["log10_p"] <= -10
+    assert rep["verdict"]["relation"] == "quantised copy"
+    assert rep["anatomy"]["details"]["quant_format"] == fmt
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_gguf_disguised_finetune_is_derived_like_safetensors(zoo: Zoo, fam: str) -> None:
+    planted = [p for p in zoo.pairs("derived") if p.a == f"{fam}-b1" and p.b == f"{fam}-b1-ftd-combined-gguf-Q8_0"]
+    assert planted and planted[0].relation == "finetune+disguised+quantised" and planted[0].hops == 3
+    st = compare(zoo.path(f"{fam}-b1"), zoo.path(f"{fam}-b1-ftd-combined"))
+    gg = compare(zoo.path(f"{fam}-b1"), zoo.path(f"{fam}-b1-ftd-combined-gguf-Q8_0"))
+    assert gg.b.format == "gguf"
+    for r in (st, gg):
+        assert r.verdict.derived is True and r.verdict.log10_p <= -10
+        assert r.verdict.relation == "fine-tune (disguised)", r.verdict.summary
+    assert abs(gg.verdict.log10_p - st.verdict.log10_p) <= 5
+    unrelated = compare(zoo.path(f"{fam}-b0"), zoo.path(f"{fam}-b1-ftd-combined-gguf-Q8_0"))
+    assert unrelated.verdict.derived is not True and unrelated.verdict.p_value > 1e-3

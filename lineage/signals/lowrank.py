@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from lineage.lazyroles import is_lazy, map_roles, recall
 from lineage_kernels.svd import randomized_svd, randomized_svd_blocks
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,10 @@ class LowRankConfig:
     margin: float = 1.05      # floor = margin × estimated noise edge
     gap_min: float = 1.2      # s_r / s_{r+1} needed to call the update low-rank
     trust_gap: float = 8.0    # a raw-spectrum gap this large is decisive (no whitening)
+    override_gap: float = 3.0  # a gap this large in the first half outranks a sequential reading stopped early
     whiten: int = 1           # rounds of row/column noise whitening before the rank decision
     stream_elems: int = 1 << 25
+    full_spectrum_elems: int = 1 << 18  # matrices up to this size get their whole spectrum at once
     block_rows: int = 1024
 
     def __post_init__(self) -> None:
@@ -206,7 +209,7 @@ def _residual_energies(S, U, V, row_sq, col_sq, r):
 
 def _rank_at_floor(S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, row_sq: torch.Tensor,
                    col_sq: torch.Tensor, margin: float, gap_min: float = 1.2,
-                   trust_gap: float = 8.0) -> tuple[int, float, float]:
+                   trust_gap: float = 8.0, override_gap: float = 3.0) -> tuple[int, float, float]:
     """Rank from the floors floor(j): the noise edge of the residual after j components.
 
     Returns (r, floor(r), per-element residual sigma).  Components below 1e-5·s_1
@@ -242,8 +245,37 @@ def _rank_at_floor(S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, row_sq: to
     above = ok[:half].nonzero()
     r_gap = int(above.max()) + 1 if above.numel() else 0
     r = r_seq
-    if r_gap > r_seq and float(s[r_gap - 1]) >= trust_gap * float(nxt[r_gap - 1]):
-        r = r_gap  # an unmistakable gap (exact low-rank part) overrides the sequential reading
+    if r_gap and float(s[r_gap - 1]) >= override_gap * float(nxt[r_gap - 1]) and (r_gap > r_seq or r_seq > half):
+        # a clear gap (noise spectra have none: consecutive ratios stay near 1) overrides a
+        # sequential reading stopped early by floors that the remaining signal still inflates,
+        # or one that ran past half the width where the floors no longer bound the noise
+        r = r_gap
+    # Beyond the first half the row/column floors no longer bound a noise residual, but an
+    # exact low-rank part still shows: a clear drop (>= override_gap) down to the noise, i.e.
+    # s_r above and s_{r+1} at or below the edge σ̂(√m + √n) of noise at the residual's own
+    # per-element level σ̂² = E_r / ((m − r)(n − r)).  A spectrum that falls to the noise
+    # floor at r < min(m, n) is low-rank whatever r is.  A square noise spectrum ends in a few
+    # tiny singular values with large ratios between them (the smallest singular value of a
+    # square random matrix has a density near 0), so the residual must keep at least
+    # max(4, min(m, n) / 16) dimensions for its level to count as a floor.
+    lim = min(K - 1, min(m, n) - max(4, min(m, n) // 16))  # s[j] must have a computed successor
+    if lim > half:
+        sq = s * s
+        if K >= min(m, n):  # whole spectrum: residual energies from tail sums (no cancellation)
+            tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tail[j] = Σ_{l>=j} s_l²
+            e_after = torch.cat([tail[1:], sq.new_zeros(1)])
+        else:
+            e_after = (total - torch.cumsum(sq, 0)).clamp_min(0)
+        j = torch.arange(half, lim)
+        rr = (j + 1).double()
+        sig = (e_after[j] / ((m - rr) * (n - rr)).clamp_min(1)).sqrt()
+        edge = margin * sig * (math.sqrt(m) + math.sqrt(n))
+        # s_r clearly above s_{r+1}, which sits within the noise bulk (at or below the edge),
+        # and s_r itself above the edge
+        deep = (s[j] >= override_gap * s[j + 1]) & (s[j + 1] <= edge) & (s[j] > edge) & (s[j] > tiny)
+        hit = j[deep]
+        if hit.numel() and (int(hit.min()) + 1 > r or r > half):  # beyond half r_seq is no bound
+            r = int(hit.min()) + 1
     resid = max(total - float((s[:r] ** 2).sum()), 0.0)
     return r, float(floors[r]), math.sqrt(resid / max((m - r) * (n - r), 1))
 
@@ -252,6 +284,8 @@ def _adaptive_svd(make_blocks, dense: torch.Tensor | None, m: int, n: int, cfg: 
                   row_sq: torch.Tensor, col_sq: torch.Tensor):
     cap = min(cfg.k_max, m, n)
     k = min(cfg.k_start, cap)
+    if m * n <= cfg.full_spectrum_elems:
+        k = cap  # the exact SVD costs no more than a sketch: the rank is never limited by the sketch size
     while True:
         if dense is not None:
             U, S, V = randomized_svd(dense, k, cfg.oversample, cfg.n_iter, cfg.seed)
@@ -259,10 +293,19 @@ def _adaptive_svd(make_blocks, dense: torch.Tensor | None, m: int, n: int, cfg: 
             U, S, V = randomized_svd_blocks(make_blocks, (m, n), k, cfg.oversample, cfg.n_iter,
                                             cfg.seed)
         r, floor, sigma = _rank_at_floor(S, U, V, row_sq, col_sq, cfg.margin, cfg.gap_min,
-                                         cfg.trust_gap)
+                                         cfg.trust_gap, cfg.override_gap)
         if r < k - 2 or k >= cap:
             return U, S, V, r, floor, sigma, k, cap
         k = min(4 * k, cap)
+
+
+def _gap_at(s: torch.Tensor, r: int) -> float:
+    """s_r / s_{r+1} (1-based r; inf past the computed values, 0 for r = 0)."""
+    if r <= 0:
+        return 0.0
+    if r >= s.numel() or float(s[r]) <= 0:
+        return math.inf
+    return float(s[r - 1]) / float(s[r])
 
 
 def _norm_scale(x: torch.Tensor) -> torch.Tensor:
@@ -323,8 +366,12 @@ def lowrank(
     grid = float_grid(child) if child is not None else None
     stream = m * n > cfg.stream_elems
     rows = cfg.block_rows if stream else max(m, 1)
+    dense = None
+    if not stream:  # the delta is formed once and shared by every step below
+        dense = delta.to(torch.float32) if delta is not None else (
+            child.to(torch.float32) - base.to(torch.float32))
     row_sq, col_sq, changed, max_abs, within_round, round_var, base_sq = _first_pass(
-        base, child, delta, rows, grid
+        base, child, dense if dense is not None else delta, rows, grid
     )
     total = float(row_sq.sum())
     base_norm = math.sqrt(base_sq) if base is not None else None
@@ -344,10 +391,6 @@ def lowrank(
         return LowRank(status="rounding", rank=0, rank_capped=False, gap=None, noise_floor=0.0,
                        noise_sigma=math.sqrt(total / (m * n)), singular_values=(), spikes=0,
                        energy_left={}, energy_left_exact_upto=0, **common)
-    dense = None
-    if not stream:
-        dense = delta.to(torch.float32) if delta is not None else (
-            child.to(torch.float32) - base.to(torch.float32))
     # Pass 0: the raw delta (singular values and energy ladder as reported).
     U, S, V, r, floor, sigma, k, cap = _adaptive_svd(
         lambda: _blocks(base, child, delta, rows), dense, m, n, cfg, row_sq, col_sq)
@@ -358,11 +401,18 @@ def lowrank(
     gap_raw = (s_raw[r - 1] / s_raw[r] if r < len(s_raw) and s_raw[r] > 0 else math.inf) if r else 0.0
     # A clear gap in the raw spectrum is trusted as is; otherwise whiten, starting
     # from the whole delta (no component trusted yet).
-    rounds = 0 if gap_raw >= cfg.trust_gap else cfg.whiten
+    # A rank beyond half the width comes from the deep reading (a clear drop to the noise edge);
+    # whitening's floors say nothing there, so that reading is kept as is.
+    deep_raw = r > max(1, min(m, n) // 2) and gap_raw >= cfg.override_gap
+    rounds = 0 if gap_raw >= cfg.trust_gap or deep_raw else cfg.whiten
+    r_raw, raw = r, (U, S, V, r, floor, sigma, k, cap)
     if rounds:
         r = 0
     for _ in range(rounds):
-        if dense is not None:
+        if r == 0 and wsq_r is row_sq:
+            # nothing removed yet and no scaling: the residual energies are the delta's own
+            rres, cres = row_sq, col_sq
+        elif dense is not None:
             wd = dense * inv_a.float()[:, None] * inv_b.float()[None, :]
             R = wd - (U[:, :r] * ws[:r]) @ V[:, :r].T if r else wd
             R2 = R * R
@@ -377,6 +427,10 @@ def lowrank(
         wdense = dense * fa[:, None] * fb[None, :] if dense is not None else None
         wsq_r, wsq_c = _energies(wblocks() if wdense is None else [(0, wdense)], m, n)
         U, ws, V, r, floor, sigma, k, cap = _adaptive_svd(wblocks, wdense, m, n, cfg, wsq_r, wsq_c)
+    if rounds and r_raw and gap_raw > _gap_at(ws, r):
+        # the raw spectrum drops more clearly at its rank than the whitened one does at its own:
+        # whitening (scales from a residual still holding the update) blurred it; keep the raw reading
+        U, ws, V, r, floor, sigma, k, cap = raw
     # Single-entry outliers (one huge rounding error) make a component localised in
     # both u and v; a low-rank update does not.  They are not counted in the rank.
     if r:
@@ -398,7 +452,10 @@ def lowrank(
             energy[i] = max(total - cum, 0.0) / total
     if r == 0:
         status = "noise-like"
-    elif capped or (gap is not None and gap < cfg.gap_min) or r > max(1, min(m, n) // 2):
+    elif capped or (gap is not None and gap < cfg.gap_min) or (
+            r > max(1, min(m, n) // 2) and not (gap is not None and gap >= cfg.override_gap and r < min(m, n))):
+        # above half the width only the deep reading's clear drop (the spectrum falling to the
+        # noise edge, see _rank_at_floor) is low-rank
         status = "dense"
     else:
         status = "low-rank"
@@ -499,11 +556,33 @@ def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = Fals
                           f"noise-like change on {len(noise)} modules (no low-rank structure)")
 
 
+def lowrank_key(child_map: object, role: str, config: LowRankConfig | None) -> tuple:
+    """Memo key of :func:`lowrank` for ``role`` of (base mapping, ``child_map``) (see lineage.lazyroles.remember)."""
+    return ("lowrank", id(child_map), role, config or LowRankConfig())
+
+
 def lowrank_modules(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                    config: LowRankConfig | None = None) -> tuple[dict[str, LowRank], LowRankSummary]:
-    """Run :func:`lowrank` on every 2-D ``role -> (base, child)`` pair and summarise."""
-    out = {}
-    for role, (b, c) in pairs.items():
+                    config: LowRankConfig | None = None, *,
+                    workers: int | None = None) -> tuple[dict[str, LowRank], LowRankSummary]:
+    """Run :func:`lowrank` on every 2-D ``role -> (base, child)`` pair and summarise.
+
+    Modules are visited one at a time (``pairs`` may read on access, see
+    :mod:`lineage.lazyroles`), on ``workers`` single-threaded threads (default: one per
+    core for a lazy mapping, inline otherwise); results do not depend on the worker count.
+    """
+    px, py = getattr(pairs, "x", None), getattr(pairs, "y", None)
+
+    def one(role: str) -> LowRank | None:
+        if px is not None:  # a PairView: a pass that already ran this module may have left the result
+            hit = recall(px, lowrank_key(py, role, config))
+            if hit is not None:
+                return hit if isinstance(hit, LowRank) else None
+        b, c = pairs[role]
         if b.dim() == 2 and b.shape == c.shape:
-            out[role] = lowrank(b, c, config=config)
+            return lowrank(b, c, config=config)
+        return None
+
+    if workers is None and not is_lazy(pairs):
+        workers = 1
+    out = {r: x for r, x in map_roles(one, list(pairs), workers=workers) if x is not None}
     return out, summarise(out)

@@ -10,8 +10,10 @@ Q4_0, ``(max−min)/15`` and ``(max−min)/255`` with a zero point) and, as a
 fallback, the smallest gap between sorted distinct values divided by 1…4.  The
 largest group size on which ≥ 99 % of groups are on a lattice with few levels
 wins, and the format is named from the group size, the number of levels, whether
-zero is on the lattice and how the extreme value maps (Q8_0, Q4_0, Q4_1, Q4_K,
-int8-per-row, int4-g128-sym, …).  A float32 tensor that is merely stored in bf16
+zero is on the lattice and how the extreme value maps (Q8_0, Q5_0, Q4_0, Q4_1,
+Q5_1, int8-per-row, int4-g128-sym, …); the K-quants (Q4_K, Q5_K, Q6_K) are told
+from their single-block cousins by the sub-block steps being integer multiples
+of one scale per 256-value super-block.  A float32 tensor that is merely stored in bf16
 or fp16 is reported as that float grid.
 
 Given the parent, ``error_ratio`` is the RMS of ``child − parent`` divided by
@@ -30,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lineage.lazyroles import is_lazy, map_roles, recall, shape_of
 from lineage.signals.lowrank import float_grid
 
 log = logging.getLogger(__name__)
@@ -110,9 +113,29 @@ def _name(g: int | None, row: bool, bits: int, scheme: str, superblock_ok: bool)
         return "Q8_0"
     if g == 32 and bits == 4 and scheme == "q4_0":
         return "Q4_0"
-    if g == 32 and bits == 4 and scheme == "asym":
-        return "Q4_K" if superblock_ok else "Q4_1"
+    if g == 32 and bits == 5 and scheme in ("sym", "q4_0"):
+        return "Q5_0"
+    if g == 32 and bits in (4, 5) and scheme == "asym":
+        return f"Q{bits}_K" if superblock_ok else f"Q{bits}_1"
+    if g == 16 and bits == 6 and scheme == "sym" and superblock_ok:
+        return "Q6_K"
     return f"int{bits}-g{g}-{'sym' if scheme in ('sym', 'q4_0') else 'asym'}"
+
+
+#: K-quant super-blocks: (sub-block size, scheme) -> largest integer sub-block scale code
+#: (6-bit unsigned for Q4_K/Q5_K, where the largest sub-block gets 63; int8 for Q6_K,
+#: where the largest gets magnitude 128).
+_K_SCALE_CODE = {(32, "asym"): 63, (16, "sym"): 128}
+
+
+def _superblock_ok(step: torch.Tensor, g: int, scheme: str, n: int) -> bool:
+    """Are the sub-block steps integer multiples of one scale per 256-value super-block?"""
+    code = _K_SCALE_CODE.get((g, scheme))
+    if code is None or n % 256:
+        return False
+    sub = step.reshape(-1, 256 // g)
+    dsc = sub / sub.amax(1, keepdim=True).clamp_min(1e-30) * code
+    return float(((dsc - dsc.round()).abs() < 2e-2).float().mean()) >= PASS_RATE
 
 
 def _analyse_groups(x: torch.Tensor, g: int, rel_tol: float):
@@ -179,7 +202,7 @@ def detect_grid(
     if chosen is None:
         return none
     g, rate, step, span, kinds, names, informative, distinct, levels = chosen
-    bits = 8 if levels > 16 else (4 if levels > 8 else (3 if levels > 4 else 2))
+    bits = 8 if levels > 64 else 6 if levels > 32 else 5 if levels > 16 else 4 if levels > 8 else 3 if levels > 4 else 2
     sel = kinds[informative & (kinds >= 0)].tolist()
     top = Counter(names[i] for i in sel).most_common(1)[0][0] if sel else "gap/1"
     if top in ("sym127", "sym7"):
@@ -195,11 +218,7 @@ def detect_grid(
     # A row as short as a standard block (32, 64, …) cannot be told from one block
     # per row; name it as the block format (what such checkpoints almost always are).
     row = g == n and n not in GROUP_SIZES
-    superblock_ok = False
-    if g == 32 and scheme == "asym" and n % 256 == 0:
-        sub = step.reshape(-1, 8)
-        dsc = sub / sub.amax(1, keepdim=True).clamp_min(1e-30) * 63
-        superblock_ok = float(((dsc - dsc.round()).abs() < 2e-2).float().mean()) >= PASS_RATE
+    superblock_ok = not row and _superblock_ok(step, g, scheme, n)
     fmt = _name(g, row, bits, scheme, superblock_ok)
     if row:
         per_row_step = step
@@ -241,10 +260,37 @@ class QuantSummary:
         return asdict(self)
 
 
+def detect_key(child_map: object, role: str, max_rows: int) -> tuple:
+    """Memo key of ``detect_grid(child, parent)`` for ``role`` (see lineage.lazyroles.remember)."""
+    return ("quantgrid", id(child_map), role, max_rows)
+
+
 def detect_modules(pairs: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]],
                    max_rows: int = 128) -> tuple[dict[str, QuantGrid], QuantSummary]:
-    """Run :func:`detect_grid` on ``role -> (parent or None, child)`` (2-D tensors only)."""
-    res = {k: detect_grid(c, p, max_rows=max_rows) for k, (p, c) in pairs.items() if c.dim() == 2}
+    """Run :func:`detect_grid` on ``role -> (parent or None, child)`` (2-D tensors only).
+
+    Modules are visited one at a time (``pairs`` may read on access, see :mod:`lineage.lazyroles`).
+    """
+    sample_rows = getattr(pairs, "rows", None)
+    px, py = getattr(pairs, "x", None), getattr(pairs, "y", None)
+
+    def one(k: str) -> tuple[QuantGrid, int] | None:
+        shape = shape_of(pairs, k)
+        if len(shape) != 2:
+            return None
+        if px is not None:  # a PairView: an earlier pass over the module may have left the result
+            hit = recall(px, detect_key(py, k, max_rows))
+            if isinstance(hit, QuantGrid):
+                return hit, shape[-1] * shape[0]
+        if callable(sample_rows) and shape[0] > max_rows:
+            # detect_grid looks at max_rows rows only: read just those (same rows as _sample_rows)
+            p, c = sample_rows(k, torch.linspace(0, shape[0] - 1, max_rows).round().long())
+        else:
+            p, c = pairs[k]
+        return detect_grid(c, p, max_rows=max_rows), shape[-1] * shape[0]
+
+    visited = {k: v for k, v in map_roles(one, list(pairs), workers=None if is_lazy(pairs) else 1) if v is not None}
+    res = {k: v[0] for k, v in visited.items()}
     if not res:
         return res, QuantSummary(None, 0.0, None, {})
     on = [r for r in res.values() if r.on_grid]
@@ -252,7 +298,7 @@ def detect_modules(pairs: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]
     votes: Counter = Counter()
     for k, r in res.items():
         if r.on_grid:
-            votes[r.format] += pairs[k][1].shape[-1] * pairs[k][1].shape[0]
+            votes[r.format] += visited[k][1]
     fmt = votes.most_common(1)[0][0] if on else None
     cons = [r.consistent_with_parent for r in res.values() if r.consistent_with_parent is not None]
     return res, QuantSummary(

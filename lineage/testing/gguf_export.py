@@ -1,10 +1,14 @@
-"""Write a tiny model as a llama.cpp GGUF file (F32 / Q8_0 / Q4_0) with the ``gguf`` package.
+"""Write a tiny model as a llama.cpp GGUF file (F32 / Q8_0 / Q4_0 / Q4_K_M) with the ``gguf`` package.
 
 Names and layouts follow llama.cpp's converter: ``token_embd``, ``blk.N.attn_q``,
 …, linear weights ``(out, in)`` (GPT-2 ``Conv1D`` transposed, ``c_attn`` kept
 fused as ``attn_qkv``), and for Llama the Q/K rows permuted per head so the
-rotary halves are interleaved.  Norms stay F32; a matrix whose row length is
-not a multiple of the block size stays F32 too.
+rotary halves are interleaved.  Norms stay F32; for the single-type files a
+matrix whose row length is not a multiple of the block size stays F32 too.
+``Q4_K_M`` is llama.cpp's mixed file type (Q4_K, Q6_K for the output matrix and
+some ``attn_v``/``ffn_down``, Q5_0/Q8_0 for rows shorter than a K-quant
+super-block), written with :mod:`lineage.testing.kquants` since the ``gguf``
+package cannot write K-quants.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lineage.testing import kquants
 from lineage.testing.bpe import BPETokenizer
 from lineage.testing.derive import as_linear
 from lineage.testing.models import TinyConfig, gpt2_layer_names, llama_layer_names
@@ -76,18 +81,37 @@ def gguf_tensors(cfg: TinyConfig, weights: dict[str, torch.Tensor]) -> dict[str,
 
 
 def quantised_roundtrip(t: torch.Tensor, qtype_name: str) -> tuple[np.ndarray, torch.Tensor, bool]:
-    """(bytes to store, dequantised float32 tensor, whether quantised)."""
+    """(bytes to store, dequantised float32 tensor, whether quantised).
+
+    Quantised with :func:`lineage.testing.kquants.quantize` (K-quants are ours, other
+    types the ``gguf`` package's) and decoded with ``gguf.quants.dequantize``.
+    """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
+    from gguf.quants import dequantize
 
     arr = t.numpy().astype(np.float32)
     qt = GGMLQuantizationType[qtype_name]
     block = GGML_QUANT_SIZES[qt][0]
     if t.dim() != 2 or arr.shape[-1] % block:
         return arr, t.clone(), False
-    q = quantize(arr, qt)
+    q = kquants.quantize(arr, qtype_name)
     deq = np.asarray(dequantize(q, qt), dtype=np.float32).reshape(arr.shape)
     return q, torch.from_numpy(deq.copy()), True
+
+
+#: File types this writer produces -> ``gguf.LlamaFileType`` name (the ``general.file_type`` value).
+FILE_TYPES = {"F32": "ALL_F32", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0", "Q4_K_M": "MOSTLY_Q4_K_M"}
+
+
+def tensor_type(qtype: str, name: str, shape: tuple[int, ...], n_layers: int, has_output: bool) -> str:
+    """GGML type of one tensor in a file of type ``qtype`` (see :data:`FILE_TYPES`)."""
+    if qtype == "Q4_K_M":
+        return kquants.q4_k_m_type(name, shape, n_layers, has_output)
+    if qtype == "F32" or len(shape) != 2:
+        return "F32"
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return qtype if shape[-1] % GGML_QUANT_SIZES[GGMLQuantizationType[qtype]][0] == 0 else "F32"
 
 
 def write_gguf(
@@ -99,11 +123,19 @@ def write_gguf(
     *,
     name: str = "",
     base_model: str | None = None,
+    types_out: dict[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Write ``path``; returns the dequantised tensors in Hugging Face names and layout
-    (what a correct reader should get back), for loss evaluation."""
+    (what a correct reader should get back), for loss evaluation.
+
+    ``qtype`` is a key of :data:`FILE_TYPES`; ``types_out``, if given, receives the
+    GGML type of every tensor written (GGUF name -> type name).
+    """
     import gguf
-    from gguf import GGMLQuantizationType
+    from gguf import GGMLQuantizationType, LlamaFileType
+
+    if qtype not in FILE_TYPES:
+        raise ValueError(f"unsupported GGUF file type {qtype!r} (supported: {', '.join(FILE_TYPES)})")
 
     arch = cfg.family
     w = gguf.GGUFWriter(str(path), arch)
@@ -124,7 +156,7 @@ def write_gguf(
         w.add_vocab_size(cfg.vocab)
     else:
         w.add_layer_norm_eps(cfg.norm_eps)
-    w.add_file_type(int(GGMLQuantizationType[qtype]) if qtype != "F32" else 0)
+    w.add_file_type(int(LlamaFileType[FILE_TYPES[qtype]]))
     w.add_tokenizer_model("gpt2")
     w.add_token_list(tok.tokens)
     w.add_token_types([3 if t in tok.specials else 1 for t in tok.tokens])
@@ -132,16 +164,19 @@ def write_gguf(
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     deq: dict[str, torch.Tensor] = {}
-    for gname, t in gguf_tensors(cfg, weights).items():
-        if qtype == "F32" or t.dim() != 2:
+    tensors = gguf_tensors(cfg, weights)
+    for gname, t in tensors.items():
+        tt = tensor_type(qtype, gname, tuple(t.shape), cfg.n_layers, "output.weight" in tensors)
+        if types_out is not None:
+            types_out[gname] = tt
+        if tt == "F32":
             w.add_tensor(gname, t.numpy())
             deq[gname] = t
             continue
-        data, back, did = quantised_roundtrip(t, qtype)
-        if did:
-            w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=GGMLQuantizationType[qtype])
-        else:
-            w.add_tensor(gname, data)
+        data, back, did = quantised_roundtrip(t, tt)
+        if not did:
+            raise RuntimeError(f"{gname}: type {tt} cannot hold a tensor of shape {tuple(t.shape)}")
+        w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=GGMLQuantizationType[tt])
         deq[gname] = back
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -170,8 +170,12 @@ def run_job(root: str, job: dict[str, Any], parents: dict[str, dict[str, Any]]) 
         cfg = pcfg
         qtype = p["quant"].split("_", 1)[1]
         out_dir.mkdir(parents=True, exist_ok=True)
-        w = write_gguf(out_dir / "model.gguf", cfg, pw, tok, qtype, name=job["id"], base_model=parent["id"])
-        entry.update(format="gguf", path=f"models/{job['id']}/model.gguf", quant=p["quant"], transforms=[p["quant"]])
+        types: dict[str, str] = {}
+        w = write_gguf(out_dir / "model.gguf", cfg, pw, tok, qtype, name=job["id"], base_model=parent["id"],
+                       types_out=types)
+        entry.update(format="gguf", path=f"models/{job['id']}/model.gguf", quant=p["quant"], transforms=[p["quant"]],
+                     gguf_types=dict(sorted(Counter(types.values()).items())))
+        truth["tensor_types"] = types
     elif kind == "noise":
         cfg = pcfg
         w, info = D.add_noise(pw, p["rel_level"], p["seed"])

@@ -42,6 +42,10 @@ class Recipe:
     lora_lr: float = 3e-3
     families: tuple[str, ...] = ("llama", "gpt2")
     extras: dict[str, Any] = field(default_factory=dict)
+    #: Shape overrides of an extra llama base whose rows are multiples of 256, so that
+    #: its GGUF Q4_K_M copy really holds K-quants (the regular bases' rows are too short
+    #: and llama.cpp falls back to Q5_0/Q8_0 for them).  None: no such base.
+    kquant_base: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,6 +76,7 @@ FULL = Recipe(
     heal_steps=60,
     noise_levels=(0.001, 0.01, 0.05, 0.2, 0.5),
     gguf=True,
+    kquant_base=dict(hidden=256, intermediate=512),
 )
 
 SMALL = Recipe(
@@ -97,6 +102,7 @@ SMALL = Recipe(
     noise_levels=(0.01, 0.2),
     gguf=True,
     seq=32,
+    kquant_base=dict(hidden=256, intermediate=256),
 )
 
 RECIPES = {"full": FULL, "small": SMALL}
@@ -173,6 +179,15 @@ def make_jobs(r: Recipe) -> list[dict[str, Any]]:
         if r.gguf:
             for q in ("Q8_0", "Q4_0"):
                 add(f"{b0}-gguf-{q}", "gguf", fam, [b0], "quantised", quant=f"gguf_{q}")
+            if fam == "llama":
+                # llama.cpp's Q4_K_M mix; b0's rows are shorter than a K-quant super-block,
+                # so this file is llama.cpp's fallback mix (Q5_0 + Q8_0), the wide base's is K-quants
+                add(f"{b0}-gguf-Q4_K_M", "gguf", fam, [b0], "quantised", quant="gguf_Q4_K_M")
+                if r.kquant_base:
+                    wide = add(f"{p}-wide0", "base", fam, [], "base", init_seed=stable_seed(fam, "init-wide", 0),
+                               data="reference", data_seed=stable_seed(fam, "data-wide", 0),
+                               sched=_sched(r.base_steps, r.base_lr, r), config=dict(r.kquant_base))
+                    add(f"{wide}-gguf-Q4_K_M", "gguf", fam, [wide], "quantised", quant="gguf_Q4_K_M")
         # noise
         for lvl in r.noise_levels:
             add(f"{b0}-noise{lvl:g}", "noise", fam, [b0], "noise", rel_level=lvl,
@@ -186,8 +201,11 @@ def make_jobs(r: Recipe) -> list[dict[str, Any]]:
         add(f"{b1}-combined", "disguise", fam, [b1], "disguised", names=["combine"], seed=stable_seed(fam, "comb"))
         ft1 = add(f"{b1}-ftd", "train", fam, [b1], "finetune", data="reference",
                   data_seed=stable_seed(fam, "ftd"), sched=_sched(r.ft_steps, r.ft_lr, r))
-        add(f"{b1}-ftd-combined", "disguise", fam, [ft1], "disguised", names=["combine"],
-            seed=stable_seed(fam, "comb-ft"))
+        ftdc = add(f"{b1}-ftd-combined", "disguise", fam, [ft1], "disguised", names=["combine"],
+                   seed=stable_seed(fam, "comb-ft"))
+        if r.gguf:
+            # the disguised fine-tune as llama.cpp would ship it
+            add(f"{ftdc}-gguf-Q8_0", "gguf", fam, [ftdc], "quantised", quant="gguf_Q8_0")
         # depth and width
         L = int(r.configs[fam]["n_layers"])
         drop = add(f"{b2}-drop", "remap", fam, [b2], "depth_change", layer_map=[i for i in range(L) if i != L // 2],

@@ -44,7 +44,8 @@ MANIFEST_VERSION = 1
 
 #: Modules whose code determines the zoo's bytes (other modules of the package may
 #: change without invalidating the cache).
-ZOO_MODULES = ("bpe", "corpus", "derive", "gguf_export", "jobs", "models", "recipe", "train", "transforms", "zoo")
+ZOO_MODULES = ("bpe", "corpus", "derive", "gguf_export", "jobs", "kquants", "models", "recipe", "train", "transforms",
+               "zoo")
 
 
 def cache_root() -> Path:
@@ -175,7 +176,16 @@ def _ancestors(models: dict[str, dict[str, Any]], id_: str) -> dict[str, list[st
     return out
 
 
+def _shape_key(m: dict[str, Any]) -> tuple:
+    """Architecture of a model as built (bases of other shapes are not paired as independent)."""
+    c = m.get("config") or {}
+    return tuple(c.get(k) for k in ("hidden", "n_layers", "n_heads", "n_kv_heads", "intermediate"))
+
+
 def make_pairs(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Labelled pairs: every ancestor of a model (derived, relations along the path joined by
+    ``+``), independent bases and null models of one architecture, same-init pairs, and every
+    single-rooted derivative against the next base of its root's architecture."""
     by_id = {m["id"]: m for m in models}
     pairs: list[Pair] = []
     for m in models:
@@ -183,18 +193,21 @@ def make_pairs(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
             pairs.append(Pair(anc, m["id"], "derived", "+".join(rels), len(rels), "derived"))
     fams = sorted({m["family"] for m in models})
     for fam in fams:
-        bases = [m["id"] for m in models if m["family"] == fam and m["relation"] == "base"]
+        all_bases = [m["id"] for m in models if m["family"] == fam and m["relation"] == "base"]
+        shapes = list(dict.fromkeys(_shape_key(by_id[b]) for b in all_bases))
+        groups = {s: [b for b in all_bases if _shape_key(by_id[b]) == s] for s in shapes}
         nulls = [m["id"] for m in models if m["family"] == fam and m["relation"] == "null"]
-        for i, a in enumerate(bases):
-            for b in bases[i + 1:]:
-                pairs.append(Pair(a, b, "independent", "independent", 0, "independent_bases"))
+        for bases in groups.values():
+            for i, a in enumerate(bases):
+                for b in bases[i + 1:]:
+                    pairs.append(Pair(a, b, "independent", "independent", 0, "independent_bases"))
         for i, a in enumerate(nulls):
             for b in nulls[i + 1:]:
                 pairs.append(Pair(a, b, "independent", "independent", 0, "independent_null"))
         for m in models:
             if m["family"] == fam and m["relation"] == "same_init":
                 pairs.append(Pair(m["same_init_as"], m["id"], "same_init", "same_init", 0, "same_init"))
-        # a derivative of base i against base i+1: independent, but transformed
+        # a derivative of base i against base i+1 (of the same architecture): independent, but transformed
         root_of = {}
         for m in models:
             if m["family"] != fam or not m["parents"]:
@@ -204,6 +217,7 @@ def make_pairs(models: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if len(roots) == 1:
                 root_of[m["id"]] = roots[0]
         for cid, root in sorted(root_of.items()):
+            bases = groups[_shape_key(by_id[root])]
             j = bases.index(root)
             other = bases[(j + 1) % len(bases)]
             if other != root:
@@ -255,7 +269,8 @@ def _build(root: Path, r: Recipe, texts: tuple[str, str, str], workers: int) -> 
     jobs = make_jobs(r)
     for j in jobs:
         if j["kind"] == "base":
-            j["config"] = r.config(j["family"], vocab).to_dict()
+            # a base may override the family's shape (the wide K-quant base)
+            j["config"] = {**r.config(j["family"], vocab).to_dict(), **j["params"].get("config", {})}
     done: dict[str, dict[str, Any]] = {}
     timings = {"data": round(time.perf_counter() - t0, 2)}
     pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init) if workers > 1 else None
