@@ -52,6 +52,9 @@ class AlignedPair:
     layers_b: int | None = None
     dropped_layers: tuple[int, ...] = ()      # layers of the larger model with no partner
     width_changes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    #: complete role maps of both models (all shapes), for the direction of shape surgery
+    full_a: Mapping[str, torch.Tensor] | None = None
+    full_b: Mapping[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,12 +142,13 @@ def explain(
     # 2. depth / width surgery
     surgery = bool(pair.dropped_layers or pair.width_changes) or (
         pair.layers_a is not None and pair.layers_b is not None and pair.layers_a != pair.layers_b)
-    dirn = direction(a, b)
+    dirn = direction(a, b, full_a=pair.full_a, full_b=pair.full_b) if surgery else direction(a, b)
     details["direction"] = dirn.to_dict()
     if surgery:
         parent = dirn.parent
-        if pair.layers_a is not None and pair.layers_b is not None and pair.layers_a != pair.layers_b:
-            parent = "a" if pair.layers_a > pair.layers_b else "b"
+        if dirn.decided_by != "structure" and pair.layers_a is not None and pair.layers_b is not None \
+                and pair.layers_a != pair.layers_b:
+            parent = "a" if pair.layers_a > pair.layers_b else "b"  # removal is the common surgery
         details.update(layers=(pair.layers_a, pair.layers_b), dropped_layers=list(pair.dropped_layers),
                        width_changes={k: [list(s) for s in v] for k, v in pair.width_changes.items()})
         return Relation("pruned", parent, 0.9, details)

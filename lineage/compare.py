@@ -413,9 +413,14 @@ def _anatomy(
     lmap = getattr(canon, "layer_map", None)
     if lmap is not None and not lmap.is_identity:
         dropped = tuple(getattr(lmap, "dropped", ()) or ())
+    full_a = full_b = None
+    if width_changes or dropped or ra.n_layers != rb.n_layers or pairing.only_a or pairing.only_b:
+        # shape surgery: the structure of both whole models orients the pair (read on demand)
+        full_a = LazyRoles(lambda r: read_role(ca, ra.roles[r]), {r: tuple(v.shape) for r, v in ra.roles.items()})
+        full_b = LazyRoles(lambda r: read_role(cb, rb.roles[r]), {r: tuple(v.shape) for r, v in rb.roles.items()})
     try:
         rel = explain(AlignedPair(a, b, p_value=p, layers_a=ra.n_layers, layers_b=rb.n_layers, dropped_layers=dropped,
-                                  width_changes=width_changes))
+                                  width_changes=width_changes, full_a=full_a, full_b=full_b))
     except (RuntimeError, ValueError) as e:  # numerical failure: report, keep the verdict
         log.debug("anatomy failed", exc_info=True)
         findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
