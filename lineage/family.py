@@ -222,22 +222,32 @@ def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Te
     for c in names:
         if not flag[c] or c not in roles or c in explained:
             continue
-        near = sorted(rel[c], key=lambda y: dist(c, y))[:MERGE_NEIGHBOURS]
-        for p1 in sorted(flag[c]):
+        # a relative that one-way evidence (grid, precision, surgery) makes a child of c cannot be its parent
+        kids = {y for y in rel[c] if (lk := links.get((c, y)) or links.get((y, c))) is not None
+                and lk.one_way and lk.parent == c}
+        near = sorted(rel[c] - kids, key=lambda y: dist(c, y))[:MERGE_NEIGHBOURS]
+        for p1 in sorted(flag[c] - kids):
             for p2 in near:
                 if p2 == p1 or p2 not in rel[p1] or p1 not in roles or p2 not in roles:
                     continue
-                bt = between(roles[c], roles[p1], roles[p2])
-                if not bt.interpolates:
-                    bases = {x for x in (prelim.parent_of(p1), prelim.parent_of(p2)) if x is not None}
-                    bases |= {x for x in rel[p1] & rel[p2] if parent_in(x, p1) and parent_in(x, p2)}
-                    bases = sorted(x for x in bases - {c, p1, p2} if x in roles and x in rel[c])
+                if prelim.parent_of(p1) == p2 or prelim.parent_of(p2) == p1:
+                    continue  # "merging" a model with its own parent only rescales its update
+                bases = {x for x in (prelim.parent_of(p1), prelim.parent_of(p2)) if x is not None}
+                bases |= {x for x in rel[p1] & rel[p2] if parent_in(x, p1) and parent_in(x, p2)}
+                bases = sorted(x for x in bases - {c, p1, p2} if x in roles and x in rel[c])
+                if bases:
+                    # with the parents' common parent in view the merge must hold in task-vector space:
+                    # siblings that merely lie near the segment (independent updates of one base) fail here
                     cand = [between(roles[c], roles[p1], roles[p2], base=roles[x]) for x in bases[:2]]
                     cand = [f for f in cand if f.interpolates and max(f.weights) <= MERGE_MAX_WEIGHT
                             and f.residual < MERGE_CONE_RESIDUAL]
                     if not cand:
                         continue
                     bt = min(cand, key=lambda f: f.residual)
+                else:
+                    bt = between(roles[c], roles[p1], roles[p2])
+                    if not bt.interpolates:
+                        continue
                 main, other = (p1, p2) if bt.alpha >= 0.5 else (p2, p1)
                 fits.append((bt.residual, c, main, other))
     out: dict[str, tuple[str, ...]] = {}
