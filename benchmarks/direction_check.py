@@ -50,7 +50,14 @@ from lineage.testing.zoo import Zoo  # noqa: E402
 
 log = logging.getLogger("direction_check")
 
-DEFAULT_ZOO = Path.home() / ".cache/lineage/zoo/full-7ffa0ef0f05f83cc"
+def _default_zoo() -> Path:
+    """Where the full zoo of the current code is cached (never builds it: fixtures/build_zoo.py does)."""
+    from lineage.testing.zoo import cache_root, zoo_key
+
+    return cache_root() / "zoo" / zoo_key("full")[0]
+
+
+DEFAULT_ZOO = _default_zoo()
 #: Transforms that preserve the function exactly and involve no training.
 FUNCTION_PRESERVING = {"residual_permutation", "residual_rotation", "norm_refold", "mlp_permutation",
                        "head_permutation", "qk_scale", "qk_rotation", "vo_mixing", "vocab_reorder"}
