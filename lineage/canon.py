@@ -837,6 +837,15 @@ def _anchor_rows(e: Tensor, h: Tensor | None) -> Tensor:
     return torch.cat([e, h * (e.norm() / h.norm().clamp_min(1e-12))], 0)
 
 
+#: Spread of log(up-row norm ratios) of matched neurons above which B traded per-neuron up/down scales.
+SCALE_TRADING_SPREAD = 0.05
+
+
+def scale_spread(layers: Sequence[LayerRow]) -> float:
+    """Largest per-layer spread of matched neurons' log up-row norm ratios (0 without MLP matchings)."""
+    return max((r.transforms.get("mlp", {}).get("log_scale_spread", 0.0) for r in layers), default=0.0)
+
+
 def _transform_notes(rm: ResidualMap | None, layers: Sequence[LayerRow], arch_a: CanonArch) -> list[str]:
     out = []
     if rm is not None:
@@ -846,10 +855,10 @@ def _transform_notes(rm: ResidualMap | None, layers: Sequence[LayerRow], arch_a:
     tot_n = sum(r.transforms.get("mlp", {}).get("matched", 0) for r in layers)
     moved = sum(r.transforms.get("mlp", {}).get("moved", 0) for r in layers)
     flips = sum(r.transforms.get("mlp", {}).get("sign_flips", 0) for r in layers)
-    spread = max((r.transforms.get("mlp", {}).get("log_scale_spread", 0.0) for r in layers), default=0.0)
+    spread = scale_spread(layers)
     if tot_n:
         out.append(f"MLP neuron permutation, {moved} of {tot_n} neurons moved" + (f", {flips} sign flips" if flips else ""))
-        if spread > 0.05:
+        if spread > SCALE_TRADING_SPREAD:
             out.append(f"per-neuron up/down scale trading (log-scale spread {spread:.2f})")
     hm = sum(r.transforms.get("q_heads", {}).get("moved", 0) for r in layers)
     gm = sum(r.transforms.get("kv_groups", {}).get("moved", 0) for r in layers)

@@ -35,7 +35,18 @@ from typing import Any
 
 import torch
 
-from lineage.canon import CanonArch, CanonResult, LayerDict, LayeredModel, LayerUnits, UnitAlignment, fold_globals, fold_layer
+from lineage.canon import (
+    SCALE_TRADING_SPREAD,
+    CanonArch,
+    CanonResult,
+    LayerDict,
+    LayeredModel,
+    LayerUnits,
+    UnitAlignment,
+    fold_globals,
+    fold_layer,
+    scale_spread,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,8 +247,7 @@ def realign_layer(la: LayerDict, lb: LayerDict, arch_a: CanonArch, arch_b: Canon
 
 
 def _scale_trading(canon: CanonResult) -> bool:
-    spread = max((r.transforms.get("mlp", {}).get("log_scale_spread", 0.0) for r in canon.layers), default=0.0)
-    return spread > 0.05
+    return scale_spread(canon.layers) > SCALE_TRADING_SPREAD
 
 
 @dataclass
