@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +41,9 @@ MERGE_NEIGHBOURS = 4
 #: Residual bound of the task-vector (cone) fit: zoo TIES merges 0.40, continued pre-training
 #: checkpoints of one run lying along their common trajectory 0.5-0.6.
 MERGE_CONE_RESIDUAL = 0.45
+#: Largest cosine of the parents' task vectors over the base: the zoo's merged fine-tunes have
+#: 0.41-0.44 (an undertrained base's common drift); a sibling wrongly taken as base 0.64-0.88.
+MERGE_MAX_TASK_COS = 0.6
 
 
 @dataclass(frozen=True)
@@ -75,9 +79,10 @@ def link_from_report(name_a: str, name_b: str, report: Report) -> Link:
     rels = [r.rel_l2 for r in report.layers if r.evidence and r.rel_l2 is not None]
     if v.relation in ("identical", "re-encoded copy"):
         distance: object = 0.0
-    elif realigned.get("aligned_rel") is not None:
-        # disguised: the size of the change once the transforms are undone
-        distance = float(realigned["aligned_rel"])
+    elif realigned.get("aligned_mean_rel") is not None:
+        # disguised: the size of the change once the transforms are undone, measured as the
+        # element-wise links measure it (mean relative change per matrix)
+        distance = float(realigned["aligned_mean_rel"])
     elif rels:
         # mean relative change over the compared matrices (a median hides a LoRA on few modules)
         distance = sum(min(1.0, float(x)) for x in rels) / len(rels)
@@ -140,6 +145,43 @@ class PairEvidence:
     confidence: float
     between: bool
     decided_by: str | None
+    #: share of the related matrices whose change is mostly a row/column rescaling of the other
+    #: model's (a folded norm, traded Q/K scales): a partial disguise, not an update
+    rescaled: float = 0.0
+    #: share of the shared matrices whose Pearson reaches :data:`CLEAN_PEARSON` (a small change,
+    #: not merely a significant correlation: permuted neurons keep a weak one)
+    fraction_close: float = 0.0
+
+
+#: Pearson of a matrix pair whose change is small against the weights (relative delta ≲ 1);
+#: permuted or independent matrices sit far below (zoo: ≤ 0.13 for a permuted MLP).
+CLEAN_PEARSON = 0.3
+#: A matrix pair is "rescaled" when the best row-and-column rescaling of one removes at least this
+#: share of ‖B − A‖.  Training rescales rows too (zoo, any undisguised pair: at most 0.66, the
+#: embedding rows after continued pre-training); a Q/K-scale or norm-refold disguise against its
+#: source or a LoRA of it gives 0.88-1.0.  Against a fine-tune (0.72-0.96) the disguise may pass
+#: as clean, and is then caught by the rescaled pair with its source inside the component.
+RESCALE_GAIN = 0.9
+#: Changes below this relative size are storage rounding, not a rescaling worth undoing.
+RESCALE_MIN_REL = 1e-3
+
+
+def rescale_gain(a: torch.Tensor, b: torch.Tensor, iters: int = 4) -> float:
+    """Share of ‖b − a‖ removed by the best fit ``b ≈ diag(r) · a · diag(c)`` (alternating least
+    squares, float64); 0 when the change is storage-level or the fit does not help."""
+    x, y = a.double(), b.double()
+    d0 = float((y - x).norm())
+    if d0 <= RESCALE_MIN_REL * max(float(x.norm()), 1e-30):
+        return 0.0
+    c = torch.ones(x.shape[1], dtype=torch.float64)
+    r = torch.ones(x.shape[0], dtype=torch.float64)
+    for _ in range(iters):
+        xc = x * c
+        r = (y * xc).sum(1) / (xc * xc).sum(1).clamp_min(1e-300)
+        rx = x * r[:, None]
+        c = (y * rx).sum(0) / (rx * rx).sum(0).clamp_min(1e-300)
+    d1 = float((y - x * r[:, None] * c).norm())
+    return max(0.0, 1.0 - d1 / d0)
 
 
 def elementwise_evidence(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Tensor],
@@ -150,12 +192,14 @@ def elementwise_evidence(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Te
     mats = [r for r in shared if A[r].dim() == 2]
     if not mats:
         return PairEvidence(False, 0.0, UNSIZED_DISTANCE, None, 0.0, False, None)
-    hits, rels = 0, []
+    hits, rels, scaled, close = 0, [], 0, 0
     for r in mats:
         st = pair_stats(A[r], B[r])
         pr = st.pearson or 0.0
+        close += pr >= CLEAN_PEARSON
         if pr > o.z_related / math.sqrt(st.n):
             hits += 1
+            scaled += rescale_gain(A[r], B[r]) >= RESCALE_GAIN
             na = math.sqrt(st.sxx + st.n * st.mean_x ** 2)
             nb = math.sqrt(st.syy + st.n * st.mean_y ** 2)
             dd = float((B[r].double() - A[r].double()).norm())
@@ -177,7 +221,8 @@ def elementwise_evidence(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Te
     # "between" matters only where variance growth would have decided (one-way evidence such as
     # structure, grid or precision orients the pair whatever the variance does)
     btw = bool(vg.get("between")) and d.decided_by is None
-    return PairEvidence(True, frac, dist, d.parent, d.confidence, btw, d.decided_by)
+    return PairEvidence(True, frac, dist, d.parent, d.confidence, btw, d.decided_by, scaled / max(hits, 1),
+                        close / len(mats))
 
 
 def _compare_link(name_a: str, name_b: str, ref_a: str, ref_b: str, options: CompareOptions | None
@@ -240,7 +285,8 @@ def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Te
                     # siblings that merely lie near the segment (independent updates of one base) fail here
                     cand = [between(roles[c], roles[p1], roles[p2], base=roles[x]) for x in bases[:2]]
                     cand = [f for f in cand if f.interpolates and max(f.weights) <= MERGE_MAX_WEIGHT
-                            and f.residual < MERGE_CONE_RESIDUAL]
+                            and f.residual < MERGE_CONE_RESIDUAL
+                            and (f.task_cos is None or f.task_cos < MERGE_MAX_TASK_COS)]
                     if not cand:
                         continue
                     bt = min(cand, key=lambda f: f.residual)
@@ -262,17 +308,27 @@ def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Te
 
 
 def _type_edges(tree: Tree, roles: Mapping[str, Mapping[str, torch.Tensor]],
-                rms: Mapping[str, Any], reports: Mapping[tuple[str, str], Report]) -> Tree:
-    """Relation of each tree edge from the anatomy of that pair (merges keep their label)."""
+                rms: Mapping[str, Any], reports: dict[tuple[str, str], Report],
+                ref_of: Mapping[str, str], options: CompareOptions | None) -> Tree:
+    """Relation of each tree edge from the anatomy of that pair (merges keep their label).
+
+    Pairs of one shape are typed from the roles in memory; shape surgery (layers, width or
+    vocabulary changed) needs the layer pairing of the full comparison, which then runs.
+    """
     out = []
     for e in tree.edges:
         rel = e.relation
         rep = reports.get((e.parent, e.child)) or reports.get((e.child, e.parent))
+        if rep is None and e.relation != "merge" and e.parent in roles and e.child in roles:
+            P, C = roles[e.parent], roles[e.child]
+            if {k: tuple(v.shape) for k, v in P.items()} != {k: tuple(v.shape) for k, v in C.items()}:
+                rep = compare(ref_of[e.parent], ref_of[e.child], options=options)
+                reports[(e.parent, e.child)] = rep
         if e.relation == "merge":
             pass
         elif rep is not None:
             v = rep.verdict.relation
-            rel = "disguised copy" if v.startswith("identical") else str((rep.anatomy or {}).get("relation") or v)
+            rel = "disguised copy" if v.startswith("identical (") else str((rep.anatomy or {}).get("relation") or v)
         elif e.parent in roles and e.child in roles:
             P, C = roles[e.parent], roles[e.child]
             shared = [r for r in P if r in C and P[r].shape == C[r].shape]
@@ -312,68 +368,243 @@ def family_tree(
         roles[n], rms[n] = _load_roles(r)
     links: dict[tuple[str, str], Link] = {}
     clean: dict[tuple[str, str], bool] = {}
+    rescaled: list[tuple[str, str]] = []
     for k, (i, j) in enumerate(pairs):
         a, b = names[i], names[j]
         ev = elementwise_evidence(roles[a], roles[b], fo)
-        clean[(a, b)] = ev.fraction_related >= CLEAN_FRACTION
+        # a clean link: (nearly) every shared matrix related element-wise and none merely rescaled,
+        # as after training, quantisation or a LoRA merge
+        clean[(a, b)] = ev.related and ev.fraction_close >= CLEAN_FRACTION and ev.rescaled == 0.0
+        if ev.related and ev.rescaled > 0.0:
+            rescaled.append((a, b))
         links[(a, b)] = Link(a, b, ev.related, ev.distance, {"a": a, "b": b}.get(str(ev.parent)), ev.confidence,
                              "related" if ev.related else "unrelated", ev.between,
-                             ev.decided_by in ("structure", "sparsity", "grid", "precision"))
+                             ev.decided_by in ("structure", "sparsity", "grid", "precision"), ev.decided_by)
         if progress is not None:
             progress(k + 1, len(pairs), f"{a} vs {b}")
-    # models no element-wise link explains: canonical comparison (undoes permutations/rotations)
-    reports: dict[tuple[str, str], Report] = {}
-    # models without a *clean* element-wise link (every shared matrix related, as after training,
-    # quantisation or a LoRA merge) are disguised relative to the family, in part (a permuted MLP,
-    # refolded norms) or in whole: their links come from the canonical comparison, which undoes that
-    linked = {x for (a, b), lk in links.items() if lk.related and clean.get((a, b), False) for x in (a, b)}
-    orphans = [n for n in names if n not in linked]
-    for o in orphans:
-        for m in names:
-            if m == o or (m in orphans and names.index(m) < names.index(o)):
-                continue
-            key = (o, m) if names.index(o) < names.index(m) else (m, o)
-            lk, rep = _compare_link(key[0], key[1], ref_of[key[0]], ref_of[key[1]], options)
-            links[key] = lk
-            reports[key] = rep
-    log.info("family: %d pairs element-wise, %d canonical comparisons (%d models without element-wise link)",
-             len(pairs), len(reports), len(orphans))
-    links = _orient_disguised(links, set(orphans))
-    tree = build_tree(names, links)
+    # Models joined by clean links share a basis.  A model (or a sub-family) disguised relative to
+    # the rest, in part (a permuted MLP, refolded norms, traded Q/K scales) or in whole, forms a
+    # component of its own; components are joined by the canonical comparison, which undoes that.
+    clean_pairs = [k for k, v in clean.items() if v]
+    comps = clean_components(names, clean_pairs)
+    # a model rescaled against most of its component (a refolded or Q/K-rescaled copy joined to
+    # the family through a clean link to a fine-tune, whose update hid the rescaling) leaves it,
+    # with the models clean-linked to it alone (its own descendants)
+    moved = _rescaled_members(comps, links, set(rescaled))
+    if moved:
+        clean_pairs = [(a, b) for a, b in clean_pairs if (a in moved) == (b in moved)]
+        comps = clean_components(names, clean_pairs)
+    reports = _link_components(comps, links, ref_of, options)
+    # a rescaled pair still inside one component: its own link comes from the canonical comparison
+    comp_of = {x: i for i, c in enumerate(comps) for x in c}
+    for a, b in rescaled:
+        if comp_of[a] == comp_of[b] and (a, b) not in reports:
+            links[(a, b)], reports[(a, b)] = _compare_link(a, b, ref_of[a], ref_of[b], options)
+    log.info("family: %d pairs element-wise, %d canonical comparisons (%d components)",
+             len(pairs), len(reports), len(comps))
+    size = {x: len(c) for c in comps for x in c}
+    links = _orient_disguised(links, set(reports), size)
+    penalties = sibling_penalties(links, roles, set(reports))
+    tree = build_tree(names, links, penalties=penalties)
     if fo.detect_merges:
         # merges are fitted on the weights as stored: only element-wise links qualify (a disguised
         # model's raw weights are not in its relatives' basis)
         merges = _find_merges(names, roles, {k: v for k, v in links.items() if k not in reports}, tree)
         if merges:
-            tree = build_tree(names, links, merges=merges)
+            tree = build_tree(names, links, merges=merges, penalties=penalties)
     if fo.type_edges:
-        tree = _type_edges(tree, roles, rms, reports)
+        tree = _type_edges(tree, roles, rms, reports, ref_of, options)
     return FamilyResult(tree, tuple(links.values()), tuple(reports.values()))
 
 
-#: Fraction of shared matrices that must be related element-wise for a link to need no canonical check.
+#: Fraction of shared matrices that must be close element-wise (:data:`CLEAN_PEARSON`) for a link to need
+#: no canonical check.
 CLEAN_FRACTION = 0.95
 #: Extra distance of a link between two models that are both disguised relative to the family:
 #: exact re-parameterisations of one model are at distance ~0 from each other, and should hang
 #: from the model in the family's own basis rather than chain through one another.
 DISGUISED_PAIR_COST = 0.01
+#: A model keeps at least this share of its parent's update (task vector) when it is trained
+#: further from it; a model that keeps less of a relative's update is its sibling, not its child
+#: (zoo: true chains keep 1.17-1.18, siblings from one base 0.32-0.66, see benchmarks/tree_accuracy.py).
+CHAIN_RETAINED = 0.75
+#: Extra cost of a parent → child edge that the sibling test rejects.
+SIBLING_PENALTY = 0.5
 
 
-def _orient_disguised(links: dict[tuple[str, str], Link], orphans: set[str]) -> dict[tuple[str, str], Link]:
-    """Links of models without element-wise links ("orphans": disguised relative to the family).
+def clean_components(names: Sequence[str], clean_pairs: Sequence[tuple[str, str]]) -> list[list[str]]:
+    """Connected components of the clean-link graph, largest first (ties: input order)."""
+    up = {n: n for n in names}
 
-    Between an orphan and a model in the family's basis, the orphan is the re-parameterised
-    one, hence the child (the other model's lineage is consistent element-wise with the rest of
-    the family); between two orphans the link is made slightly longer (:data:`DISGUISED_PAIR_COST`).
+    def find(x: str) -> str:
+        while up[x] != x:
+            up[x] = up[up[x]]
+            x = up[x]
+        return x
+
+    for a, b in clean_pairs:
+        up[find(a)] = find(b)
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(find(n), []).append(n)
+    order = {n: i for i, n in enumerate(names)}
+    return sorted(groups.values(), key=lambda c: (-len(c), order[c[0]]))
+
+
+def _rescaled_members(comps: Sequence[Sequence[str]], links: Mapping[tuple[str, str], Link],
+                      rescaled: set[tuple[str, str]]) -> set[str]:
+    """Members of a component whose links to at least half of their related fellow members are
+    rescaled pairs (the side in another basis; its source is rescaled against few)."""
+    out: set[str] = set()
+    for comp in comps:
+        for m in comp:
+            rel = resc = 0
+            for o in comp:
+                if o == m:
+                    continue
+                lk = links.get((m, o)) or links.get((o, m))
+                if lk is not None and lk.related:
+                    rel += 1
+                    resc += (m, o) in rescaled or (o, m) in rescaled
+            if rel and resc >= 0.5 * rel:
+                out.add(m)
+    return out
+
+
+def _component_roots(comp: Sequence[str], links: Mapping[tuple[str, str], Link]) -> list[str]:
+    """The top model(s) of one component, from its own element-wise links."""
+    if len(comp) == 1:
+        return list(comp)
+    inside = set(comp)
+    sub = [lk for lk in links.values() if lk.a in inside and lk.b in inside]
+    return list(build_tree(comp, sub).roots)
+
+
+def _link_components(comps: Sequence[Sequence[str]], links: dict[tuple[str, str], Link],
+                     ref_of: Mapping[str, str], options: CompareOptions | None
+                     ) -> dict[tuple[str, str], Report]:
+    """Canonical comparisons across components (updates ``links`` in place).
+
+    For each pair of components the top models are compared first; when related, the smaller
+    component's top models are compared with every member of the larger one (where it attaches).
+    """
+    index = {n: i for i, n in enumerate(ref_of)}
+    roots = [_component_roots(c, links) for c in comps]
+    reports: dict[tuple[str, str], Report] = {}
+
+    def run(x: str, y: str) -> bool:
+        key = (x, y) if index[x] < index[y] else (y, x)
+        if key not in reports:
+            lk, rep = _compare_link(key[0], key[1], ref_of[key[0]], ref_of[key[1]], options)
+            links[key] = lk
+            reports[key] = rep
+        return links[key].related
+
+    for i, big in enumerate(comps):
+        for j in range(i + 1, len(comps)):
+            small = comps[j]
+            if not any(run(r, q) for r in roots[j] for q in roots[i]):
+                continue
+            for r in roots[j]:
+                for m in big:
+                    run(r, m)
+    return reports
+
+
+def _orient_disguised(links: dict[tuple[str, str], Link], canonical: set[tuple[str, str]],
+                      size: Mapping[str, int]) -> dict[tuple[str, str], Link]:
+    """Links found by the canonical comparison, between components of the clean-link graph.
+
+    The model in the larger component (the basis most of the family shares) is the parent:
+    the other one is the re-parameterised side.  Between equally large components (e.g. two
+    disguised copies) the link is made slightly longer (:data:`DISGUISED_PAIR_COST`), so that
+    such copies hang from a model in the family's own basis rather than from one another.
     """
     out = {}
     for key, lk in links.items():
-        a_o, b_o = lk.a in orphans, lk.b in orphans
-        if lk.related and a_o != b_o:
-            lk = replace(lk, parent=lk.b if a_o else lk.a, confidence=max(lk.confidence, 0.9))
-        elif lk.related and a_o and b_o:
-            lk = replace(lk, distance=lk.distance + DISGUISED_PAIR_COST)
+        if key in canonical and lk.related:
+            sa, sb = size.get(lk.a, 1), size.get(lk.b, 1)
+            if sa != sb:
+                lk = replace(lk, parent=lk.a if sa > sb else lk.b, confidence=max(lk.confidence, 0.9))
+            else:
+                lk = replace(lk, distance=lk.distance + DISGUISED_PAIR_COST)
         out[key] = lk
+    return out
+
+
+_BLOCK_ROLE = re.compile(r"^L\d+\.")
+
+
+def retained_share(p: Mapping[str, torch.Tensor], x: Mapping[str, torch.Tensor],
+                   y: Mapping[str, torch.Tensor]) -> float | None:
+    """How much of ``x``'s update over ``p`` is in ``y``: ⟨y − p, x − p⟩ / ‖x − p‖² (float64 over
+    the transformer-block matrices all three share with one shape).  ~1 or more when ``y`` was trained from ``x``
+    (it carries x's whole update, idiosyncratic part included); well below 1 for a sibling of
+    ``x`` (both trained from ``p``: only their common drift is shared).  None without overlap."""
+    uu = uv = 0.0
+    for r, t in x.items():
+        if not _BLOCK_ROLE.match(r):
+            continue  # embeddings move with token frequencies: a drift all training shares
+        if t.dim() != 2 or r not in p or r not in y or p[r].shape != t.shape or y[r].shape != t.shape:
+            continue
+        p0 = p[r].double()
+        u = t.double() - p0
+        uu += float((u * u).sum())
+        uv += float((u * (y[r].double() - p0)).sum())
+    return uv / uu if uu > 0 else None
+
+
+def sibling_penalties(links: Mapping[tuple[str, str], Link], roles: Mapping[str, Mapping[str, torch.Tensor]],
+                      canonical: set[tuple[str, str]]) -> dict[tuple[str, str], float]:
+    """Extra costs of parent → child edges that pass for chains but join siblings.
+
+    For an element-wise link x → y (oriented so, or undecided, and not one-way) with a common
+    relative p that the evidence makes x's parent and that is related to y, ``y`` must keep most
+    of x's update over p.  Two quantised copies of one model (each a grid child of it) are
+    siblings too: re-quantising a quantised copy reproduces it, so which one came first is not
+    in the weights, and the tree attaches both to the higher-precision model.  (Not so for other
+    one-way evidence: a pruned model fine-tuned under its mask is the pruned model's child.)
+    """
+    def get(a: str, b: str) -> Link | None:
+        return links.get((a, b)) or links.get((b, a))
+
+    def found_canonically(a: str, b: str) -> bool:
+        return (a, b) in canonical or (b, a) in canonical
+
+    names = sorted({n for k in links for n in k})
+    grid_parent: dict[str, set[str]] = {n: set() for n in names}
+    for (a, b), lk in links.items():
+        if lk.related and lk.decided_by == "grid" and lk.parent is not None and (a, b) not in canonical:
+            grid_parent[b if lk.parent == a else a].add(lk.parent)
+    out: dict[tuple[str, str], float] = {}
+    for key, lk in links.items():
+        if not lk.related or lk.one_way or lk.between or key in canonical:
+            continue
+        x0, y0 = key
+        if grid_parent[x0] & grid_parent[y0]:
+            out[(x0, y0)] = out[(y0, x0)] = SIBLING_PENALTY
+            continue
+        for x, y in ((x0, y0), (y0, x0)):
+            if lk.parent not in (None, x) or x not in roles or y not in roles:
+                continue
+            ps = []
+            for p in names:
+                if p in (x, y) or p not in roles:
+                    continue
+                lpx, lpy = get(p, x), get(p, y)
+                if (lpx is None or lpy is None or not lpx.related or not lpy.related or lpx.parent != p
+                        or lpx.between or lpy.parent == y):
+                    continue
+                if found_canonically(p, x) or found_canonically(p, y):
+                    continue
+                ps.append((lpx.distance, p))
+            if not ps:
+                continue
+            p = min(ps)[1]
+            kept = retained_share(roles[p], roles[x], roles[y])
+            if kept is not None and kept < CHAIN_RETAINED:
+                log.debug("sibling, not chain: %s keeps %.2f of %s's update over %s", y, kept, x, p)
+                out[(x, y)] = SIBLING_PENALTY
     return out
 
 

@@ -260,6 +260,10 @@ class Closeness:
     aligned_norm: float = 0.0
     max_aligned_rel: float = 0.0
     head_fits: int = 0
+    #: sum and count of the per-matrix ``min(1, ‖B′ − A‖ / √(‖A‖‖B′‖))`` after realignment (the
+    #: distance :func:`lineage.family.elementwise_evidence` uses, so the two are comparable)
+    aligned_rel_sum: float = 0.0
+    aligned_count: int = 0
 
     def add(self, a: Tensor, b: Tensor, aligned: bool) -> None:
         """Account one matrix pair."""
@@ -269,6 +273,9 @@ class Closeness:
             self.aligned_norm += n
             if n > 0:
                 self.max_aligned_rel = max(self.max_aligned_rel, (d / n) ** 0.5)
+            nb = _energy(b)
+            self.aligned_rel_sum += min(1.0, d ** 0.5 / max((n * nb) ** 0.25, 1e-30)) if d > 0 else 0.0
+            self.aligned_count += 1
         else:
             self.raw_delta += d
             self.raw_norm += n
@@ -283,9 +290,14 @@ class Closeness:
         """``‖B′ − A‖ / ‖A‖`` after folding and realignment."""
         return (self.aligned_delta / self.aligned_norm) ** 0.5 if self.aligned_norm > 0 else 0.0
 
+    @property
+    def aligned_mean_rel(self) -> float:
+        """Mean per-matrix relative change after realignment (see ``aligned_rel_sum``)."""
+        return self.aligned_rel_sum / self.aligned_count if self.aligned_count else 0.0
+
     def to_dict(self) -> dict[str, float]:
         return {"raw_rel": self.raw_rel, "aligned_rel": self.aligned_rel, "max_aligned_rel": self.max_aligned_rel,
-                "head_fits": self.head_fits}
+                "aligned_mean_rel": self.aligned_mean_rel, "head_fits": self.head_fits}
 
 
 def realigned_layers(model_a: LayeredModel, model_b: LayeredModel, arch_a: Any, arch_b: Any,

@@ -43,6 +43,8 @@ class Link:
     between: bool = False
     #: the direction rests on one-way evidence (grid, precision, sparsity, shape surgery)
     one_way: bool = False
+    #: which evidence decided the direction (e.g. "grid", "variance_growth"), when known
+    decided_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,13 +160,16 @@ def build_tree(
     direction_weight: float = 1.0,
     root_cost: float | None = None,
     merges: Mapping[str, Sequence[str]] | None = None,
+    penalties: Mapping[tuple[str, str], float] | None = None,
 ) -> Tree:
     """Family tree of ``names`` from pairwise :class:`Link` evidence.
 
     ``merges`` maps a model found to be a merge (see :func:`lineage.signals.direction.between`)
     to its parents, main parent first: its only candidate parents are then those, and its edge
-    is typed "merge" with the others in ``Edge.other_parents``.
+    is typed "merge" with the others in ``Edge.other_parents``.  ``penalties`` adds a cost to
+    single directed edges ``(parent, child)`` (e.g. a chain that a three-model test rejects).
     """
+    penalties = dict(penalties or {})
     merges = {c: tuple(ps) for c, ps in (merges or {}).items()}
     links = list(pairwise.values()) if isinstance(pairwise, Mapping) else list(pairwise)
     names = list(dict.fromkeys(names))
@@ -191,6 +196,8 @@ def build_tree(
                 continue  # … and it is not their parent
             if v in merges:
                 c = lk.distance * (1.0 if u == merges[v][0] else 1.5)
+            else:
+                c += penalties.get((u, v), 0.0)
             if (u, v) not in edges or c < edges[(u, v)]:
                 edges[(u, v)] = c
                 info[(u, v)] = lk

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from lineage.family import FamilyOptions, elementwise_evidence, family_tree
+from lineage.family import (
+    CHAIN_RETAINED,
+    FamilyOptions,
+    clean_components,
+    elementwise_evidence,
+    family_tree,
+    rescale_gain,
+    retained_share,
+)
 from lineage.testing.derive import add_noise, merge_linear, quantise_int8_per_row
 from lineage.testing.models import TinyConfig, init_weights, save_model
 from lineage.tree import render_html
@@ -54,3 +62,102 @@ def test_elementwise_evidence_unrelated_and_related():
          for k, v in a.items()}
     ev = elementwise_evidence(a, c)
     assert ev.related and ev.parent == "a" and 0.05 < ev.distance < 0.2
+
+
+def test_rescale_gain_separates_rescaling_from_updates():
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    r = torch.exp(0.3 * torch.randn(48, generator=g, dtype=torch.float64))
+    c = torch.exp(0.3 * torch.randn(32, generator=g, dtype=torch.float64))
+    assert rescale_gain(a, a * r[:, None] * c) > 0.99          # folded gains / traded scales
+    assert rescale_gain(a, a + 0.2 * torch.randn(48, 32, generator=g, dtype=torch.float64)) < 0.1
+    assert rescale_gain(a, a) == 0.0                            # nothing to undo
+
+
+def test_retained_share_tells_chains_from_siblings():
+    g = torch.Generator().manual_seed(3)
+
+    def update(m):
+        return {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in m.items()}
+
+    p = {f"L{i}.attn.q.weight": torch.randn(64, 64, generator=g) for i in range(2)}
+    x = update(p)
+    chain = update(x)        # trained further from x: carries x's whole update
+    sibling = update(p)      # trained from p: independent of x's update
+    assert abs(retained_share(p, x, chain) - 1.0) < 0.1
+    assert abs(retained_share(p, x, sibling)) < 0.1
+    assert retained_share(p, x, sibling) < CHAIN_RETAINED <= retained_share(p, x, chain)
+
+
+def test_clean_components():
+    comps = clean_components(["a", "b", "c", "d", "e"], [("a", "b"), ("d", "e"), ("b", "c")])
+    assert comps == [["a", "b", "c"], ["d", "e"]]
+    assert clean_components(["x", "y"], []) == [["x"], ["y"]]
+
+
+def test_disguised_subfamily_and_partial_disguises(tmp_path):
+    """A disguised fine-tune with its own quantised child hangs from the fine-tune; copies disguised
+    only in part (traded Q/K scales: every matrix still correlates) hang from the base as disguised
+    copies; siblings sharing a common drift are not chained."""
+    from lineage.testing.transforms import qk_scale, residual_permutation
+
+    cfg = TinyConfig(family="llama", vocab=256, hidden=64, n_layers=2, intermediate=128)
+    base = init_weights(cfg, 1)
+    g = torch.Generator().manual_seed(5)
+    drift = {k: 0.2 * v.std() * torch.randn(v.shape, generator=g) for k, v in base.items() if v.dim() == 2}
+
+    def trained(seed: int, k: float):
+        w, _ = add_noise(base, 0.25, seed)
+        return {n: (v + k * drift[n]) if n in drift else v for n, v in w.items()}
+
+    ft, sib = trained(2, 1.0), trained(3, 1.6)     # siblings that share the drift
+    ftd, _ = residual_permutation(cfg, ft, 7)
+    ftd_q, _ = quantise_int8_per_row(ftd)
+    qk, _ = qk_scale(cfg, base, 8)
+    models = {"base": base, "ft": ft, "sib": sib, "ftd": ftd, "ftd_q": ftd_q, "qk": qk}
+    refs = [_write(tmp_path, n, cfg, w) for n, w in models.items()]
+    t = family_tree(refs).tree
+    assert t.roots == ("base",)
+    parents = {e.child: e.parent for e in t.edges}
+    assert parents == {"ft": "base", "sib": "base", "ftd": "ft", "ftd_q": "ftd", "qk": "base"}
+    rel = {e.child: e.relation for e in t.edges}
+    assert rel["ftd"] == "disguised copy" and rel["qk"] == "disguised copy"
+    assert rel["ftd_q"] == "quantised copy"
+
+
+def test_two_quantised_copies_of_one_model_are_siblings(tmp_path):
+    """A 4-bit copy and an 8-bit copy of the 4-bit copy's grid are nearly equal, but both hang from
+    the full-precision model (re-quantising cannot be told from quantising the source)."""
+    from lineage.testing.derive import quantise_int4_per_group
+
+    cfg = TinyConfig(family="llama", vocab=256, hidden=64, n_layers=2, intermediate=128)
+    base = init_weights(cfg, 1)
+    ft, _ = add_noise(base, 0.3, 2)
+    q4, _ = quantise_int4_per_group(base)
+    q8_of_q4, _ = quantise_int8_per_row(q4)
+    models = {"base": base, "ft": ft, "q4": q4, "q8": q8_of_q4}
+    refs = [_write(tmp_path, n, cfg, w) for n, w in models.items()]
+    res = family_tree(refs)
+    lk = {(x.a, x.b): x for x in res.links}[("q4", "q8")]
+    assert lk.related and lk.distance < 0.5 * {(x.a, x.b): x for x in res.links}[("base", "q8")].distance
+    parents = {e.child: e.parent for e in res.tree.edges}
+    assert parents == {"ft": "base", "q4": "base", "q8": "base"}
+
+
+def test_sibling_penalties_reject_chains_of_siblings_only():
+    from lineage.family import SIBLING_PENALTY, sibling_penalties
+    from lineage.tree import Link
+
+    g = torch.Generator().manual_seed(9)
+    p = {f"L{i}.mlp.up.weight": torch.randn(64, 32, generator=g) for i in range(2)}
+
+    def update(m, k=0.3):
+        return {n: v + k * torch.randn(v.shape, generator=g) for n, v in m.items()}
+
+    x = update(p)
+    roles = {"p": p, "x": x, "chain": update(x), "sib": update(p)}
+    links = {}
+    for a, b in (("p", "x"), ("p", "chain"), ("p", "sib"), ("x", "chain"), ("x", "sib")):
+        links[(a, b)] = Link(a, b, True, 0.3, parent=a, confidence=0.9)
+    pen = sibling_penalties(links, roles, set())
+    assert pen == {("x", "sib"): SIBLING_PENALTY}

@@ -357,6 +357,10 @@ class Between:
     residual: float
     interpolates: bool
     weights: tuple[float, float] = (0.0, 0.0)
+    #: cosine of the two parents' task vectors over ``base`` (when a base was given): parents
+    #: trained independently from that base have weakly correlated updates; a strongly shared
+    #: component means the base is not their common parent (e.g. a sibling taken as base)
+    task_cos: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -397,7 +401,8 @@ def between(c: Mapping[str, torch.Tensor], p1: Mapping[str, torch.Tensor], p2: M
         resid = math.sqrt(max(uu - float(w @ h), 0.0) / uu)
         w1, w2 = float(w[0]), float(w[1])
         ok = w1 > MERGE_ALPHA and w2 > MERGE_ALPHA and resid < MERGE_RESIDUAL_BASE
-        return Between(w1 / (w1 + w2) if w1 + w2 > 0 else 0.0, resid, ok, (w1, w2))
+        tcos = float(G[0, 1]) / math.sqrt(float(G[0, 0]) * float(G[1, 1]))
+        return Between(w1 / (w1 + w2) if w1 + w2 > 0 else 0.0, resid, ok, (w1, w2), tcos)
     num = den = cc = c1 = 0.0
     for r in roles:
         x, y, z = c[r].double(), p1[r].double(), p2[r].double()
