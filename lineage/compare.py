@@ -7,10 +7,13 @@ next block pair read on a background thread while the current one is reduced.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -363,7 +366,8 @@ def _canonical(
     return res, None
 
 
-#: Largest model (float32 bytes per side) that the in-memory anatomy stage accepts.
+#: Largest model (float32 bytes per side) whose realigned copy the anatomy keeps in memory; larger
+#: ones are spilled to a temporary folder (:class:`lineage.lazyroles.RoleSpill`) and streamed back.
 ANATOMY_MAX_BYTES = 1 << 30
 
 
@@ -449,8 +453,34 @@ def _realigned_anatomy(
     anatomy is then computed on the realigned weights (None if not run).
     """
     float32_bytes = 4 * max(sum(m.numel for m in c.tensors.values()) for c in (ca, cb))
-    if float32_bytes > ANATOMY_MAX_BYTES:
-        return None, verdict.derived is not True
+    spill = float32_bytes > ANATOMY_MAX_BYTES
+    with contextlib.ExitStack() as stack:
+        if spill:
+            # large models: the realigned tensors go to a temporary folder as they are produced
+            # and the anatomy reads them back one module at a time
+            from lineage.lazyroles import RoleSpill, keep_freed_memory
+
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="lineage-realigned-"))
+            free = shutil.disk_usage(folder).free
+            if free < 2.2 * float32_bytes:
+                findings.append(Finding("warning", f"realigned anatomy skipped: it needs "
+                                        f"{2 * float32_bytes / 1e9:.1f} GB of temporary disk, {free / 1e9:.1f} GB free "
+                                        f"in {os.path.dirname(folder)} (set TMPDIR)"))
+                return None, verdict.derived is not True
+            keep_freed_memory()
+            os.makedirs(os.path.join(folder, "x"))
+            os.makedirs(os.path.join(folder, "y"))
+            sx, sy = RoleSpill(os.path.join(folder, "x")), RoleSpill(os.path.join(folder, "y"))
+        return _realigned_anatomy_in(ca, cb, ra, rb, canon, verdict, findings, width_changes,
+                                     (sx, sy) if spill else None)
+
+
+def _realigned_anatomy_in(
+    ca: Checkpoint, cb: Checkpoint, ra: RoleMap, rb: RoleMap, canon: Any, verdict: Any,
+    findings: list[Finding], width_changes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    spills: tuple[Any, Any] | None,
+) -> tuple[dict[str, Any] | None, bool]:
+    """:func:`_realigned_anatomy` with the realigned tensors kept in memory or in ``spills``."""
     from lineage.anatomy import AlignedPair, Relation, explain
     from lineage.canon import CheckpointModel
     from lineage.realign import Closeness, realigned_layers
@@ -458,17 +488,23 @@ def _realigned_anatomy(
     swap = (rb.arch.hidden or 0) > (ra.arch.hidden or 0)
     (x, rx), (y, ry) = ((cb, rb), (ca, ra)) if swap else ((ca, ra), (cb, rb))
     close = Closeness()
-    px: dict[str, torch.Tensor] = {}
-    py: dict[str, torch.Tensor] = {}
+    px: Any = {}
+    py: Any = {}
     try:
         for role, tx, ty in realigned_layers(CheckpointModel(x, rx), CheckpointModel(y, ry), rx.arch, ry.arch, canon,
                                              close):
             if bool(torch.isfinite(tx).all()) and bool(torch.isfinite(ty).all()):
-                px[role], py[role] = tx, ty
+                if spills is None:
+                    px[role], py[role] = tx, ty
+                else:
+                    spills[0].add(role, tx)
+                    spills[1].add(role, ty)
     except (RuntimeError, ValueError, IndexError) as e:
         log.debug("realignment failed", exc_info=True)
         findings.append(Finding("warning", f"realignment for the anatomy failed ({type(e).__name__}: {e})"))
         return None, verdict.derived is not True
+    if spills is not None:
+        px, py = spills[0].roles(), spills[1].roles()
     disguised = verdict.derived is not True or close.aligned_rel < DISGUISE_GAIN * close.raw_rel
     log.info("realigned: ‖B−A‖/‖A‖ %.3g as stored, %.3g realigned (disguised: %s)", close.raw_rel, close.aligned_rel,
              disguised)

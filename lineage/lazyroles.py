@@ -107,6 +107,41 @@ class LazyRoles(Mapping[str, torch.Tensor]):
             self._cache.clear()
 
 
+class RoleSpill:
+    """Tensors produced one at a time (e.g. a model realigned layer by layer), written to a
+    folder as they come and read back on access (:meth:`roles`): memory stays at a few tensors.
+
+    Each tensor is one small safetensors file (float32 kept exactly); the folder belongs to the
+    caller (a temporary directory).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self._dir = os.fspath(directory)
+        self._paths: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self.bytes_written = 0
+
+    def add(self, role: str, t: torch.Tensor) -> None:
+        """Write ``role`` (replaces an earlier tensor of that role)."""
+        from safetensors.torch import save_file
+
+        path = os.path.join(self._dir, f"{len(self._paths):06d}.safetensors")
+        save_file({"t": t.detach().contiguous()}, path)
+        self._paths[role] = path
+        self._shapes[role] = tuple(t.shape)
+        self.bytes_written += t.numel() * t.element_size()
+
+    def __contains__(self, role: object) -> bool:
+        return role in self._paths
+
+    def roles(self, cache: int = 2) -> LazyRoles:
+        """The written tensors as a read-on-access mapping (in the order they were added)."""
+        from safetensors.torch import load_file
+
+        paths = dict(self._paths)
+        return LazyRoles(lambda r: load_file(paths[r])["t"], self._shapes, cache=cache)
+
+
 class PairView(Mapping[str, tuple[torch.Tensor, torch.Tensor]]):
     """``role -> (x[role], y[role])`` over the given roles, read on access (nothing is copied)."""
 

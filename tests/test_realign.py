@@ -78,3 +78,30 @@ def test_residual_op_matches_the_matrix() -> None:
     rot = ResidualOp(q)
     assert rot.rows is None and torch.allclose(rot.inp(W), W @ q.T)
     assert ResidualOp(torch.eye(8)).identity
+
+
+def test_realigned_anatomy_streams_through_a_spill(bases, tmp_path: Path, monkeypatch) -> None:
+    """Above the in-memory size the realigned copy goes to a temporary folder and is read back
+    module by module; the anatomy is the same as in memory."""
+    import lineage.compare as C
+    from lineage.lazyroles import RoleSpill
+
+    cfg, w, base = bases["llama"]
+    dw, info = combine(cfg, _noisy(w, 0.3, 3), seed=9)
+    child = save_model(tmp_path / "ft-disguised", config_after(cfg, info), dw)
+    in_memory = compare(base, child)
+    written: list[int] = []
+    orig_add = RoleSpill.add
+
+    def add(self, role, t):
+        orig_add(self, role, t)
+        written.append(t.numel())
+
+    monkeypatch.setattr(RoleSpill, "add", add)
+    monkeypatch.setattr(C, "ANATOMY_MAX_BYTES", 0)
+    spilled = compare(base, child)
+    assert written, "the spill path was not taken"
+    assert spilled.verdict.relation == in_memory.verdict.relation
+    assert spilled.anatomy["relation"] == in_memory.anatomy["relation"]
+    ra, rb = in_memory.anatomy["details"]["realigned"], spilled.anatomy["details"]["realigned"]
+    assert abs(ra["aligned_rel"] - rb["aligned_rel"]) < 1e-9
