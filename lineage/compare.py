@@ -454,6 +454,10 @@ def _realigned_anatomy(
     """
     float32_bytes = 4 * max(sum(m.numel for m in c.tensors.values()) for c in (ca, cb))
     spill = float32_bytes > ANATOMY_MAX_BYTES
+    if spill and verdict.derived is True:
+        # a large pair related element-wise is not (wholly) disguised: the raw anatomy serves, and
+        # realigning it would cost a full pass and a spill of both models for nothing
+        return None, False
     with contextlib.ExitStack() as stack:
         if spill:
             # large models: the realigned tensors go to a temporary folder as they are produced
