@@ -33,7 +33,7 @@ from lineage.signals.direction import direction
 from lineage.signals.lowrank import LowRankConfig, lowrank, lowrank_key, lowrank_modules, summarise
 from lineage.signals.merge import fit_merge
 from lineage.signals.pairstats import memo_pair_stats, pair_stats
-from lineage.signals.quantgrid import detect_grid, detect_key, detect_modules
+from lineage.signals.quantgrid import detect_grid, detect_key, detect_modules, rounds_exactly
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,12 @@ def explain(
         x, y = a[r], b[r]
         st = remember(a, ("pair_stats", id(b), r), lambda: pair_stats(x, y))
         if x.dim() == 2:
-            remember(a, lowrank_key(b, r, cfg.lowrank), lambda: lowrank(x, y, config=cfg.lowrank))
-            remember(a, detect_key(b, r, 128), lambda: detect_grid(y, x, max_rows=128))
+            qg = remember(a, detect_key(b, r, 128), lambda: detect_grid(y, x, max_rows=128))
+            # a module that is exactly the parent quantised needs no decomposition (int8 children:
+            # every module changed by rounding, most of them by nothing else)
+            only = qg.consistent_with_parent is True and rounds_exactly(y, x, qg)
+            remember(a, lowrank_key(b, r, cfg.lowrank),
+                     lambda: lowrank(x, y, config=cfg.lowrank, rounding_only=only))
         return st.pearson
 
     pears = [p for _, p in map_roles(first_pass, roles, workers=workers) if p is not None]

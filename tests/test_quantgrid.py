@@ -149,3 +149,20 @@ def test_modules_summary():
     assert summ.fraction_on_grid == pytest.approx(0.75)
     assert summ.formats["L0.attn.q.weight"] is None
     assert summ.to_dict()["format"] == "Q8_0"
+
+
+def test_rounds_exactly_only_when_rounding_explains_every_entry():
+    from lineage.signals.quantgrid import detect_grid, rounds_exactly
+    from lineage.testing.derive import quantise_int8_per_row
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 256, generator=g)
+    q = quantise_int8_per_row({"m.weight": w}, skip=())[0]["m.weight"]
+    assert rounds_exactly(q, w, detect_grid(q, w))
+    # a small update hidden under the rounding in most entries, not in all: not "rounding only"
+    bumped = w.clone()
+    bumped[3, :8] += 0.2
+    q2 = quantise_int8_per_row({"m.weight": bumped}, skip=())[0]["m.weight"]
+    grid = detect_grid(q2, w)
+    assert grid.consistent_with_parent  # the sampled check passes …
+    assert not rounds_exactly(q2, w, grid)  # … the exact one does not

@@ -247,6 +247,27 @@ def _parent_error(x: torch.Tensor, p: torch.Tensor, g: int, max_rows: int, rel_t
     return dict(error_ratio=ratio, frac_within_half_step=within, consistent_with_parent=consistent)
 
 
+def rounds_exactly(child: torch.Tensor, parent: torch.Tensor, grid: QuantGrid) -> bool:
+    """Is every entry of ``child`` within half a step of ``parent`` on ``grid`` (symmetric formats:
+    step = group absmax / 127, / 7, or / 8 for Q4_0)?  Then ``child`` is ``parent`` quantised and
+    nothing else: any further change to that module lies below the rounding and cannot be seen.
+    Checked on every entry (the detection itself samples rows); False when the format is not one
+    whose step follows from the values alone."""
+    if not (grid.on_grid and grid.symmetric and grid.consistent_with_parent and grid.group_size and grid.format):
+        return False
+    fmt = grid.format.lower()
+    levels = 8.0 if fmt.startswith("q4_0") else 127.0 if grid.bits == 8 else 7.0 if grid.bits == 4 else None
+    if levels is None or fmt.startswith(("q4_k", "q5_k", "q6_k", "q4_1", "q5_1")):
+        return False
+    x = child.detach().to(torch.float32)
+    p = parent.detach().to(torch.float32).reshape(x.shape)
+    if x.dim() != 2 or x.shape[1] % grid.group_size:
+        return False
+    xg = x.reshape(-1, grid.group_size)
+    half = xg.abs().amax(1, keepdim=True) * (0.5 * (1 + 2e-3) / levels)
+    return bool(((xg - p.reshape(-1, grid.group_size)).abs_() <= half).all())
+
+
 @dataclass(frozen=True)
 class QuantSummary:
     """Across modules: the majority format and how many modules carry it."""
