@@ -325,7 +325,7 @@ def lowrank(
     *,
     delta: torch.Tensor | None = None,
     config: LowRankConfig | None = None,
-    rounding_only: bool = False,
+    quantised_only: bool = False,
 ) -> LowRank:
     """Analyse ``child − base`` (or a given ``delta``) of one aligned 2-D module.
 
@@ -339,9 +339,10 @@ def lowrank(
     e.g. int8-per-row rounding of rows with very different absmax.  The
     reported singular values and energy ladder are those of the raw delta.
 
-    ``rounding_only``: the caller has established that the child is the base quantised and
+    ``quantised_only``: the caller has established that the child is the base quantised and
     nothing else (:func:`lineage.signals.quantgrid.rounds_exactly`); the delta's statistics are
-    reported with status "rounding" and no decomposition runs.
+    reported with status "noise-like" (quantisation noise, what the decomposition would find)
+    and no decomposition runs.
     """
     cfg = config or LowRankConfig()
     if delta is None:
@@ -392,7 +393,11 @@ def lowrank(
                        noise_sigma=0.0, singular_values=(), spikes=0,
                        energy_left={k: 0.0 for k in LADDER if k <= min(m, n)},
                        energy_left_exact_upto=min(cfg.k_max, m, n), **common)
-    if (within_round and grid is not None) or rounding_only:
+    if quantised_only:
+        return LowRank(status="noise-like", rank=0, rank_capped=False, gap=None, noise_floor=0.0,
+                       noise_sigma=math.sqrt(total / (m * n)), singular_values=(), spikes=0,
+                       energy_left={}, energy_left_exact_upto=0, **common)
+    if within_round and grid is not None:
         return LowRank(status="rounding", rank=0, rank_capped=False, gap=None, noise_floor=0.0,
                        noise_sigma=math.sqrt(total / (m * n)), singular_values=(), spikes=0,
                        energy_left={}, energy_left_exact_upto=0, **common)
