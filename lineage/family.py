@@ -502,7 +502,6 @@ def _link_components(comps: Sequence[Sequence[str]], links: dict[tuple[str, str]
 
     for i, big in enumerate(comps):
         for j in range(i + 1, len(comps)):
-            small = comps[j]
             if not any(run(r, q) for r in roots[j] for q in roots[i]):
                 continue
             for r in roots[j]:
