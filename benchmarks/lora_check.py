@@ -8,7 +8,7 @@ child encodings).  Fine-tune, continued pre-training and noise pairs must not co
 The anatomy runs on the streamed path (:class:`lineage.lazyroles.LazyRoles`, as ``lineage compare``
 does) and, with ``--check-memory-path``, also on in-memory dicts, and the two must agree.
 
-    python benchmarks/lora_check.py [--zoo ~/.cache/lineage/zoo/full-7ffa0ef0f05f83cc] [--no-sweep]
+    python benchmarks/lora_check.py [--zoo ~/.cache/lineage/zoo/full-…] [--no-sweep] [--encoded-negatives]
 
 Writes ``benchmarks/results/lora_check.json`` and prints a Markdown table.
 """
@@ -137,6 +137,9 @@ def main() -> None:
     ap.add_argument("--zoo", default=str(DEFAULT_ZOO))
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--check-memory-path", action="store_true", help="also run on in-memory dicts and compare")
+    ap.add_argument("--encoded-negatives", action="store_true",
+                    help="also re-encode fine-tune, continued pre-training and noise children (bf16, int8): "
+                         "none may read low-rank")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -149,7 +152,7 @@ def main() -> None:
             continue
         a, b = load_pair(z.path(p.a), z.path(p.b))
         params = z.model(p.b).get("params", {})
-        for enc in encodings if p.relation == "lora" else ("as stored",):
+        for enc in encodings if p.relation == "lora" or args.encoded_negatives else ("as stored",):
             res, agree = run(a, encode(b, enc), args.check_memory_path)
             row = {"pair": f"{p.a} -> {p.b}", "truth": p.relation, "encoding": enc, **res, "memory_path_agrees": agree}
             if p.relation == "lora":

@@ -129,7 +129,7 @@ def explain(
             # every module changed by rounding, most of them by nothing else)
             only = qg.consistent_with_parent is True and rounds_exactly(y, x, qg)
             remember(a, lowrank_key(b, r, cfg.lowrank),
-                     lambda: lowrank(x, y, config=cfg.lowrank, quantised_only=only))
+                     lambda: lowrank(x, y, config=cfg.lowrank, quantised_only=only, quant_grid=qg))
         return st.pearson
 
     pears = [p for _, p in map_roles(first_pass, roles, workers=workers) if p is not None]

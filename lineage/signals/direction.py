@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lineage.lazyroles import is_lazy, map_roles, numel_of, shape_of
-from lineage.signals.lowrank import float_grid
+from lineage.signals.floatgrid import float_grid
 from lineage.signals.pairstats import memo_pair_stats
 from lineage.signals.quantgrid import detect_grid
 

@@ -41,6 +41,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lineage.lazyroles import is_lazy, map_roles, recall
+from lineage.signals.floatgrid import float_grid, half_ulp
+from lineage.signals.quantgrid import QuantGrid
+from lineage.signals.roundnoise import known_noise_rank, rounding_noise
 from lineage_kernels.svd import randomized_svd, randomized_svd_blocks
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,11 @@ class LowRankConfig:
     stream_elems: int = 1 << 25
     full_spectrum_elems: int = 1 << 18  # matrices up to this size get their whole spectrum at once
     block_rows: int = 1024
+    known_noise: bool = True  # count the rank above the child format's known rounding noise when it has one
+    #: residual / rounding energy accepted after the count: below, a wrong noise model; above, more than
+    #: rounding under the counted part (noise, a dense update)
+    known_noise_tail: tuple[float, float] = (0.7, 1.2)
+    known_noise_excess: float = 2.0   # most residual energy beyond the rounding's, in edge² units (roundnoise)
 
     def __post_init__(self) -> None:
         if self.k_max < 1 or self.k_start < 1:
@@ -96,6 +104,10 @@ class LowRank:
     spikes: int
     energy_left: dict[int, float]
     energy_left_exact_upto: int
+    #: the child format's rounding noise, when known, and the rank counted above it
+    #: (:mod:`lineage.signals.roundnoise`); ``rank_source`` says which reading set ``rank``
+    known_noise: dict[str, object] | None = None
+    rank_source: str = "estimated floor"
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -104,39 +116,6 @@ class LowRank:
         if self.gap is not None and math.isinf(self.gap):
             d["gap"] = None
         return d
-
-
-# ----------------------------------------------------------------------------- float grids
-
-
-def float_grid(x: torch.Tensor) -> str:
-    """The narrowest float format that represents every value of ``x`` exactly."""
-    if x.numel() == 0:
-        return "bf16"
-    x = x.detach().to(torch.float32)
-    if x.dim() >= 2 and x.shape[0] > 64:
-        # a row sample first: most tensors are settled by it
-        probe = x[:: max(1, x.shape[0] // 32)]
-        if float_grid(probe) == "fp32":
-            return "fp32"
-    if not bool(torch.isfinite(x).all()):
-        return "fp32"
-    if bool(((x.contiguous().view(torch.int32) & 0xFFFF) == 0).all()):
-        return "bf16"
-    if float(x.abs().max()) <= 65504.0 and bool((x.to(torch.float16).to(torch.float32) == x).all()):
-        return "fp16"
-    return "fp32"
-
-
-_MANTISSA = {"bf16": 7, "fp16": 10, "fp32": 23}
-_MIN_EXP = {"bf16": -126, "fp16": -14, "fp32": -126}
-
-
-def half_ulp(x: torch.Tensor, grid: str) -> torch.Tensor:
-    """Half the spacing of ``grid`` at each value of ``x`` (the worst rounding error)."""
-    _, e = torch.frexp(x.to(torch.float32))
-    e = torch.clamp(e - 1, min=_MIN_EXP[grid])
-    return torch.ldexp(torch.full_like(x, 0.5, dtype=torch.float32), e - _MANTISSA[grid])
 
 
 # ----------------------------------------------------------------------------- core
@@ -326,6 +305,7 @@ def lowrank(
     delta: torch.Tensor | None = None,
     config: LowRankConfig | None = None,
     quantised_only: bool = False,
+    quant_grid: QuantGrid | None = None,
 ) -> LowRank:
     """Analyse ``child − base`` (or a given ``delta``) of one aligned 2-D module.
 
@@ -338,6 +318,13 @@ def lowrank(
     refined ``cfg.whiten`` times.  This matters when the noise differs by row,
     e.g. int8-per-row rounding of rows with very different absmax.  The
     reported singular values and energy ladder are those of the raw delta.
+
+    When the child's storage format has a known rounding (bf16/fp16, or a quantisation lattice:
+    ``grid`` is the child's detected grid, detected here when needed and not given), the rank is
+    then counted above that known noise (:func:`lineage.signals.roundnoise.known_noise_rank`) and
+    that count replaces the estimated-floor reading when the residual it leaves is the rounding's
+    energy; the estimated-floor reading is kept when it already shows a decisive gap
+    (``cfg.trust_gap``) well below half the width, and for matrices streamed in blocks.
 
     ``quantised_only``: the caller has established that the child is the base quantised and
     nothing else (:func:`lineage.signals.quantgrid.rounds_exactly`); the delta's statistics are
@@ -469,11 +456,29 @@ def lowrank(
         status = "dense"
     else:
         status = "low-rank"
+    known = None
+    source = "estimated floor"
+    decisive = status == "low-rank" and gap is not None and gap >= cfg.trust_gap and r <= min(m, n) // 4
+    if cfg.known_noise and dense is not None and child is not None and not decisive:
+        noise = rounding_noise(child, quant_grid)
+        if noise is not None:
+            kn = known_noise_rank(dense, noise, k_max=cfg.k_max, oversample=cfg.oversample, seed=cfg.seed)
+            known = {**kn.to_dict(), **noise.to_dict()}
+            room = min(m, n) - max(4, min(m, n) // 16)  # the count must leave a noise subspace to test against
+            lo, hi = cfg.known_noise_tail
+            if lo <= kn.tail_ratio <= hi and kn.excess_components <= cfg.known_noise_excess and kn.rank <= room:
+                source = "known rounding noise"
+                status, r, spikes, capped = ("low-rank" if kn.rank else "noise-like"), kn.rank, 0, False
+                gap = kn.gap if kn.rank else None
+                floor = math.sqrt(float(noise.variance.double().mean())) * (math.sqrt(m) + math.sqrt(n))
+                if r:
+                    sigma = math.sqrt(kn.tail_ratio * float(noise.variance.double().mean()))
     log.debug("lowrank %sx%s: status=%s rank=%d gap=%s", m, n, status, r, gap)
     return LowRank(status=status, rank=r, rank_capped=bool(capped), gap=gap,
                    noise_floor=floor, noise_sigma=math.sqrt(total / (m * n)) if r == 0 else sigma,
                    singular_values=tuple(s_raw[: max(2 * r + 8, 16)]), spikes=spikes,
-                   energy_left=energy, energy_left_exact_upto=len(s_raw), **common)
+                   energy_left=energy, energy_left_exact_upto=len(s_raw), known_noise=known,
+                   rank_source=source, **common)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -489,6 +494,8 @@ class LowRankSummary:
     ranks: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    #: changed modules no wider than the rank (a rank-r update of them is full rank)
+    full_rank_modules: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -539,7 +546,10 @@ def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = Fals
     if all(s in ("unchanged", "rounding") for s in statuses.values()):
         return LowRankSummary("rounding", None, (), {}, statuses,
                               "every change is float re-encoding rounding")
-    if dense and len(dense) >= len(lowr):
+    # a dense module no wider than the largest low-rank rank may be a LoRA of that rank at full rank
+    r_top = max(ranks.values()) if ranks else 0
+    dense_wide = tuple(k for k in dense if min(results[k].shape) > r_top)
+    if dense and len(dense_wide) >= len(lowr):
         return LowRankSummary("dense", None, dense, ranks, statuses,
                               f"dense update on {len(dense)} modules")
     if lowr:
@@ -560,8 +570,17 @@ def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = Fals
                                   f"structured update of every module ({len(lowr)} modules, ranks "
                                   f"{min(ranks.values())}-{max(ranks.values())})")
         r = r_mode if consistent else max(ranks.values())
-        return LowRankSummary("low-rank", r, lowr, ranks, statuses,
-                              f"low-rank update, rank {r} on {compress_modules(lowr)}")
+        # A module no wider than the rank takes the update at full rank: it is changed, but nothing
+        # tells that change from a dense one, so it is listed apart (when wider modules carry the rank).
+        narrow = tuple(sorted(k for k in lowr + dense if min(results[k].shape) <= r))
+        if narrow and len(set(lowr) - set(narrow)):
+            lowr = tuple(k for k in lowr if k not in narrow)
+        else:
+            narrow = ()
+        desc = f"low-rank update, rank {r} on {compress_modules(lowr)}"
+        if narrow:
+            desc += f"; at full rank (no wider than the rank) on {compress_modules(narrow)}"
+        return LowRankSummary("low-rank", r, lowr, ranks, statuses, desc, full_rank_modules=narrow)
     return LowRankSummary("noise-like", None, noise, {}, statuses,
                           f"noise-like change on {len(noise)} modules (no low-rank structure)")
 

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lineage.signals.lowrank import float_grid, half_ulp
+from lineage.signals.floatgrid import float_grid, half_ulp
 
 log = logging.getLogger(__name__)
 

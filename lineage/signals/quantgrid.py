@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lineage.lazyroles import is_lazy, map_roles, recall, shape_of
-from lineage.signals.lowrank import float_grid
+from lineage.signals.floatgrid import float_grid
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,38 @@ def detect_grid(
         res.update(_parent_error(x, parent.detach().to(torch.float32).reshape(x.shape), g, max_rows,
                                  rel_tol))
     return QuantGrid(**res)
+
+
+def grid_steps(child: torch.Tensor, grid: QuantGrid, *, block_rows: int = 512) -> torch.Tensor | None:
+    """Lattice step of every group of ``child`` (shape ``rows × n/group_size``) on the detected ``grid``.
+
+    Every row is examined (the detection samples rows), in blocks of ``block_rows``.  A group not on a
+    lattice (or with fewer than three levels) gets the median step of its row's other groups.  None when
+    ``grid`` is not a quantisation grid or does not fit ``child``'s width.
+    """
+    if not (grid.on_grid and grid.group_size):
+        return None
+    x = child.detach().to(torch.float32)
+    if x.dim() == 1:
+        x = x.reshape(1, -1)
+    m, n = x.shape
+    g = grid.group_size
+    if n % g:
+        return None
+    rel_tol = {"bf16": 2.0**-7, "fp16": 2.0**-10}.get(grid.float_grid, 2.0**-20)
+    out = torch.empty(m, n // g, dtype=torch.float32)
+    for r0 in range(0, m, block_rows):
+        xb = x[r0 : r0 + block_rows]
+        ok, step, _, _, _, informative, _ = _analyse_groups(xb, g, rel_tol)
+        good = (ok & informative).reshape(xb.shape[0], -1)
+        st = step.reshape(xb.shape[0], -1).clone()
+        if not bool(good.all()):
+            masked = torch.where(good, st, torch.full_like(st, float("nan")))
+            med = torch.nanmedian(masked, dim=1, keepdim=True).values
+            fallback = torch.nan_to_num(med, nan=float(st[good].median()) if bool(good.any()) else 0.0)
+            st = torch.where(good, st, fallback.expand_as(st))
+        out[r0 : r0 + xb.shape[0]] = st
+    return out
 
 
 def _parent_error(x: torch.Tensor, p: torch.Tensor, g: int, max_rows: int, rel_tol: float):
