@@ -84,6 +84,8 @@ N_PROBES = 64
 #: per-pair z had max 3.5 and gpt2 independent bases mean 1.1, sd 1.2; 1.5 brings them to uniform or
 #: conservative.  Derived pairs sit at z ≳ 75, so the price in power is nil there.
 Z_INFLATION = 1.5
+#: Equal depths: the identity layer map stands when every layer pair (i, i) is at least this significant.
+IDENTITY_LAYER_LOG10_P = -6.0
 #: Transforms are named in the result only when lineage is at least this significant.
 REPORT_TRANSFORMS_LOG10_P = -6.0
 
@@ -960,6 +962,14 @@ def canonical_compare(
     m = Xa.shape[0]
     n_entries = m * (m - 1)
     lmap = depth_mod.layer_map(S, n_entries=n_entries)
+    if depth != "search" and La == Lb and not lmap.is_identity and all(
+            rows[(i, i)].log10_p <= IDENTITY_LAYER_LOG10_P for i in range(La)):
+        # Sketch correlations are a coarse search signal (weak after long training); every layer already
+        # passing its own canonical test against the same index is far stronger evidence for the identity.
+        notes.append(f"sketches suggested {lmap.describe()}; kept the identity: every layer matches its own "
+                     f"index (per-layer p ≤ 1e{IDENTITY_LAYER_LOG10_P:.0f})")
+        lmap = depth_mod.LayerMap(tuple(range(La)), La, "identity", lmap.threshold,
+                                  tuple(float(S[i, i]) for i in range(La)))
     searched = depth == "search" or La != Lb or not lmap.is_identity
     if searched:
         notes.append(f"layer map searched over {La} candidate source layers: per-layer p-values Bonferroni-corrected")

@@ -363,3 +363,32 @@ def test_default_null_calibration_is_conservative() -> None:
     assert default.z == pytest.approx(exact.z / 1.5, rel=1e-6)
     with pytest.raises(ValueError):
         _compare(LLAMA, wa, LLAMA, wb, z_inflation=0.0)
+
+
+def test_equal_depth_identity_kept_when_every_layer_matches_its_index(monkeypatch) -> None:
+    """Weak sketches (long continued pre-training) may prefer another map; the per-layer canonical tests
+    against the same index decide (the zoo's gpt2 cpt500 child was called pruned before)."""
+    from lineage import canon as canon_mod
+
+    w = init_weights(LLAMA, 31)
+    g = torch.Generator().manual_seed(32)
+    wb = {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=g) if v.dim() == 2 else v.clone()
+          for k, v in w.items()}
+    real = canon_mod.depth_mod.layer_map
+
+    def misleading(S, n_entries, **kw):
+        lm = real(S, n_entries, **kw)
+        return depth.LayerMap((1, 1), lm.n_a, "monotone", lm.threshold, (0.2, 0.2))
+
+    monkeypatch.setattr(canon_mod.depth_mod, "layer_map", misleading)
+    r = _compare(LLAMA, w, LLAMA, wb)
+    assert r.layer_map.is_identity and r.layer_map.method == "identity"
+    assert any("kept the identity" in n for n in r.notes)
+    assert r.log10_p < -6
+    # a real equal-depth surgery (layer 1 replaced by a copy of layer 0) is still searched and found
+    monkeypatch.setattr(canon_mod.depth_mod, "layer_map", real)
+    cfg4 = LLAMA.with_(n_layers=4)
+    w4 = init_weights(cfg4, 33)
+    cfg_u, wu, _ = duplicate_layers(cfg4, w4, [0, 0, 2, 3])
+    r = _compare(cfg4, w4, cfg_u, wu)
+    assert r.layer_map.source == (0, 0, 2, 3)
