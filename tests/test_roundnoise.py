@@ -131,6 +131,7 @@ def test_summary_lists_modules_no_wider_than_the_rank_apart():
     assert summ.modules == ("L0.attn.q.weight", "L1.attn.q.weight")
     assert summ.full_rank_modules == ("L0.attn.v.weight", "L1.attn.v.weight")
     assert "at full rank" in summ.description
+    assert summ.rank_sources == {"known rounding noise": 2}
 
 
 def test_noise_as_large_as_the_rounding_is_not_a_deep_low_rank():

@@ -23,6 +23,14 @@ unchanged or noise-like module costs one small sketch.  Matrices above
 ``stream_elems`` elements are processed in row blocks and the delta is never
 materialised whole.
 
+When the child's storage format has a known rounding (bf16/fp16, or a detected
+quantisation lattice), a second reading counts components above that *known* noise
+instead (:mod:`lineage.signals.roundnoise`: Sinkhorn-balanced delta, Marchenko–Pastur
+edge plus Tracy–Widom margin, residual energy checked against the rounding's).  It is
+exact where the estimated floor is not — ranks of half the width or more after bf16
+or int8 — and replaces it whenever its residual check passes; ``rank_source`` says
+which reading set the rank.
+
 Status of one module: ``unchanged`` (delta exactly zero), ``rounding`` (every
 entry within half a unit in the last place of the child's float format: a pure
 re-encoding), ``noise-like`` (no component above the floor), ``low-rank`` (rank
@@ -496,6 +504,8 @@ class LowRankSummary:
     description: str = ""
     #: changed modules no wider than the rank (a rank-r update of them is full rank)
     full_rank_modules: tuple[str, ...] = ()
+    #: how the low-rank modules' ranks were read: module count per ``LowRank.rank_source``
+    rank_sources: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -580,7 +590,9 @@ def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = Fals
         desc = f"low-rank update, rank {r} on {compress_modules(lowr)}"
         if narrow:
             desc += f"; at full rank (no wider than the rank) on {compress_modules(narrow)}"
-        return LowRankSummary("low-rank", r, lowr, ranks, statuses, desc, full_rank_modules=narrow)
+        sources = dict(Counter(results[k].rank_source for k in lowr))
+        return LowRankSummary("low-rank", r, lowr, ranks, statuses, desc, full_rank_modules=narrow,
+                              rank_sources=sources)
     return LowRankSummary("noise-like", None, noise, {}, statuses,
                           f"noise-like change on {len(noise)} modules (no low-rank structure)")
 
