@@ -51,7 +51,7 @@ import torch
 from lineage.lazyroles import is_lazy, map_roles, recall
 from lineage.signals.floatgrid import float_grid, half_ulp
 from lineage.signals.quantgrid import QuantGrid
-from lineage.signals.roundnoise import known_noise_rank, rounding_noise
+from lineage.signals.roundnoise import EXACT_ELEMS, known_noise_rank, rounding_noise
 from lineage_kernels.svd import randomized_svd, randomized_svd_blocks
 
 log = logging.getLogger(__name__)
@@ -467,7 +467,10 @@ def lowrank(
     known = None
     source = "estimated floor"
     decisive = status == "low-rank" and gap is not None and gap >= cfg.trust_gap and r <= min(m, n) // 4
-    if cfg.known_noise and dense is not None and child is not None and not decisive:
+    # A spectrum above the estimated floor up to the sketch cap stays above the (lower) known rounding
+    # edge too: the count would hit the cap and fail its check, so large capped matrices skip it.
+    hopeless = capped and m * n > EXACT_ELEMS
+    if cfg.known_noise and dense is not None and child is not None and not decisive and not hopeless:
         noise = rounding_noise(child, quant_grid)
         if noise is not None:
             kn = known_noise_rank(dense, noise, k_max=cfg.k_max, oversample=cfg.oversample, seed=cfg.seed)
