@@ -331,8 +331,10 @@ def lowrank(
     ``grid`` is the child's detected grid, detected here when needed and not given), the rank is
     then counted above that known noise (:func:`lineage.signals.roundnoise.known_noise_rank`) and
     that count replaces the estimated-floor reading when the residual it leaves is the rounding's
-    energy; the estimated-floor reading is kept when it already shows a decisive gap
-    (``cfg.trust_gap``) well below half the width, and for matrices streamed in blocks.
+    energy.  The estimated-floor reading is kept as is when it already shows a decisive gap
+    (``cfg.trust_gap``) well below half the width, for matrices streamed in blocks, and, on matrices
+    beyond the exact-spectrum size (:data:`lineage.signals.roundnoise.EXACT_ELEMS`), unless it reads
+    low-rank (see the comment at the call).
 
     ``quantised_only``: the caller has established that the child is the base quantised and
     nothing else (:func:`lineage.signals.quantgrid.rounds_exactly`); the delta's statistics are
@@ -467,10 +469,13 @@ def lowrank(
     known = None
     source = "estimated floor"
     decisive = status == "low-rank" and gap is not None and gap >= cfg.trust_gap and r <= min(m, n) // 4
-    # A spectrum above the estimated floor up to the sketch cap stays above the (lower) known rounding
-    # edge too: the count would hit the cap and fail its check, so large capped matrices skip it.
-    hopeless = capped and m * n > EXACT_ELEMS
-    if cfg.known_noise and dense is not None and child is not None and not decisive and not hopeless:
+    # Matrices beyond the exact-spectrum size need sketches, whose cost grows with the count: there the
+    # known-noise count only refines a low-rank reading without a decisive gap.  (Where the estimated
+    # floor sees noise or a dense spectrum up to the sketch cap, the count would run into the bulk or
+    # the cap and fail its check; ranks of a third of the width or more, where the estimated floor
+    # misses, do not occur at these widths.)
+    worth = m * n <= EXACT_ELEMS or (status == "low-rank" and not capped)
+    if cfg.known_noise and dense is not None and child is not None and not decisive and worth:
         noise = rounding_noise(child, quant_grid)
         if noise is not None:
             kn = known_noise_rank(dense, noise, k_max=cfg.k_max, oversample=cfg.oversample, seed=cfg.seed)
