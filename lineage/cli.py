@@ -269,16 +269,16 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as a JSON list.")
 @click.option("--color/--no-color", "colour", default=None)
 def demo(out: str | None, as_json: bool, colour: bool | None) -> int:
-    """Build small demo checkpoints (a base, a fine-tune, an unrelated model) and compare them."""
+    """Build small demo checkpoints (a base, a fine-tune, an unrelated model, a disguised fine-tune, a merged
+    LoRA) and compare each with the base."""
     import json
 
     from lineage.compare import compare as run_compare
-    from lineage.testing.demo import build_demo
+    from lineage.testing.demo import DEMO_PAIRS, build_demo
 
     models = build_demo(out)
-    pairs = [("base", "finetuned"), ("base", "unrelated"), ("base", "disguised")]
     reports = []
-    for x, y in pairs:
+    for x, y in DEMO_PAIRS:
         if x not in models or y not in models:
             continue
         report = run_compare(models[x], models[y])

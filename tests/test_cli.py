@@ -75,3 +75,18 @@ def test_only_transforms_that_moved_something_are_shown() -> None:
         "attention head permutation, 8 of 8 q heads moved",
     ])
     assert shown == ["residual rotation, 97% of energy off the identity", "attention head permutation, 8 of 8 q heads moved"]
+
+
+def test_demo_gives_the_planted_verdicts(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lineage demo` (the README's first command) on the small zoo: each pair comes out as planted."""
+    code, out, _ = run(["demo", "--json"], capsys)
+    assert code == 0
+    docs = json.loads(out)
+    rel = [d["verdict"]["relation"] for d in docs]
+    assert rel == ["fine-tune", "unrelated", "fine-tune (disguised)", "lora merge"]
+    assert [d["verdict"]["derived"] for d in docs] == [True, False, True, True]
+    lora = docs[3]["anatomy"]
+    assert lora["details"]["rank"] == 2 and lora["parent"] == "a"
+    kinds = {m.split(".", 1)[1].removesuffix(".weight") for m in lora["details"]["modules"]}
+    assert kinds == {"attn.q", "attn.o", "mlp.gate", "mlp.up", "mlp.down"}  # the zoo recipe's modules for it
+    assert len(lora["details"]["modules"]) == 10  # both layers

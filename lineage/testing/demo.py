@@ -16,7 +16,12 @@ DEMO_MODELS: dict[str, tuple[str, str]] = {
     "finetuned": ("llama-b1-fta", "the base fine-tuned"),
     "unrelated": ("llama-b0", "an independent base: same data and recipe, other seed"),
     "disguised": ("llama-b1-ftd-combined", "a fine-tune of the base, then every function-preserving disguise"),
+    "lora": ("llama-b1-lorasyn2", "the base with a rank-2 LoRA merged into its attention and MLP projections"),
 }
+
+#: The pairs `lineage demo` compares, in order.
+DEMO_PAIRS: tuple[tuple[str, str], ...] = (("base", "finetuned"), ("base", "unrelated"), ("base", "disguised"),
+                                           ("base", "lora"))
 
 
 def build_demo(out: str | Path | None = None) -> dict[str, str]:
