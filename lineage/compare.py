@@ -535,6 +535,8 @@ def _realigned_anatomy_in(
             findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
             return None, True
         rel.details["realigned"] = close.to_dict()
+        if rel.relation in ("fine-tune", "continued pre-training") and spills is None:
+            rel = _rounding_under_disguise(rel, ca, cb, x, rx, y, ry, canon, px, py, swap, findings)
         if rel.parent is None and rel.relation != "identical":
             # realigned weights have lost their storage grid; precision loss is still one-way
             bits_a, bits_b = _storage_bits(ca), _storage_bits(cb)
@@ -545,6 +547,48 @@ def _realigned_anatomy_in(
     out = rel.to_dict()
     out["summary"] = _anatomy_summary(out)
     return out, True
+
+
+def _rounding_under_disguise(rel: Any, ca: Checkpoint, cb: Checkpoint, x: Checkpoint, rx: RoleMap, y: Checkpoint,
+                             ry: RoleMap, canon: Any, px: dict, py: dict, swap: bool, findings: list[Finding]) -> Any:
+    """A dense realigned difference that is only the child's storage rounding carried through the disguise
+    (a quantised or bf16 copy of a disguised model) is retyped as that copy.
+
+    The child is the side stored in fewer bits (else the anatomy's child, else B); its own rounding is
+    simulated and realigned the same way (:func:`lineage.realign.rounding_through_realignment`).
+    """
+    from dataclasses import replace
+
+    from lineage.anatomy import Relation
+    from lineage.canon import CheckpointModel
+    from lineage.realign import rounding_through_realignment
+
+    bits_a, bits_b = _storage_bits(ca), _storage_bits(cb)
+    if bits_a is not None and bits_b is not None and bits_a != bits_b:
+        child_is_b = bits_b < bits_a
+    else:
+        child_is_b = rel.parent != "b"
+    noisy = ("a" if swap else "b") if child_is_b else ("b" if swap else "a")
+    try:
+        check = rounding_through_realignment(CheckpointModel(x, rx), CheckpointModel(y, ry), rx.arch, ry.arch, canon,
+                                             px, py, noisy=noisy)
+    except (RuntimeError, ValueError, IndexError) as e:
+        log.debug("rounding check failed", exc_info=True)
+        findings.append(Finding("warning", f"rounding check of the realigned difference failed ({type(e).__name__}: {e})"))
+        return rel
+    log.info("rounding through the realignment: median energy ratio %s, explains %s", check.median_ratio, check.explains)
+    details = {**rel.details, "rounding_check": {k: v for k, v in check.to_dict().items() if k != "ratios"}}
+    if not check.explains:
+        return replace(rel, details=details)
+    parent = "a" if child_is_b else "b"
+    quant = [f.removesuffix(" rounding") for f in check.formats if f not in ("bf16 rounding", "fp16 rounding")]
+    details.pop("change", None)
+    if quant:
+        return Relation("quantised copy", parent, 0.9, {**details, "quant_format": quant[0],
+                        "encoding": f"{quant[0]} quantisation of a function-preserving re-parameterisation"})
+    grids = ", ".join(f.removesuffix(" rounding") for f in check.formats) or "float"
+    return Relation("identical", parent, 0.95, {**details, "encoding": f"re-encoded ({grids}) after a "
+                                                "function-preserving re-parameterisation"})
 
 
 #: Bits per weight of storage formats (GGUF block formats include their scales).

@@ -29,8 +29,10 @@ up to float rounding (:class:`Closeness` measures it).
 from __future__ import annotations
 
 import logging
+import math
+import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -47,6 +49,8 @@ from lineage.canon import (
     fold_layer,
     scale_spread,
 )
+
+from lineage.signals.roundnoise import rounding_noise
 
 log = logging.getLogger(__name__)
 
@@ -354,3 +358,99 @@ def realigned_layers(model_a: LayeredModel, model_b: LayeredModel, arch_a: Any, 
         hb = op.inp(hb)
         acc.add(ha, hb, aligned=True)
         yield "lm_head.weight", ha, hb
+
+
+# --------------------------------------------------------------------------- storage rounding through a realignment
+
+
+class NoisyModel:
+    """A :class:`LayeredModel` that adds simulated storage rounding to another one.
+
+    Every 2-D tensor whose values have a known rounding (bf16/fp16 spacing or a quantisation lattice,
+    :func:`lineage.signals.roundnoise.rounding_noise`) gets uniform noise of that variance, seeded by
+    its role, so that realigning this model and the plain one shows what the child's own rounding
+    becomes once the disguise is undone.
+    """
+
+    def __init__(self, model: LayeredModel, seed: int = 0) -> None:
+        self.model = model
+        self.seed = seed
+        self.noisy = 0  # tensors that received noise
+        self.formats: dict[str, str] = {}
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layers
+
+    def _add(self, role: str, t: Tensor | None) -> Tensor | None:
+        if t is None or t.dim() != 2:
+            return t
+        nz = rounding_noise(t)
+        if nz is None:
+            return t
+        g = torch.Generator().manual_seed(zlib.crc32(role.encode()) + self.seed)
+        u = torch.rand(t.shape, generator=g).mul_(2.0).sub_(1.0).mul_(math.sqrt(3.0))
+        self.noisy += 1
+        self.formats[role] = nz.name
+        return t.float() + u * nz.variance.sqrt()
+
+    def global_tensor(self, role: str) -> Tensor | None:
+        return self._add(role, self.model.global_tensor(role))
+
+    def layer(self, i: int) -> LayerDict:
+        return {k: self._add(f"L{i}.{k}", v) for k, v in self.model.layer(i).items()}
+
+
+@dataclass(frozen=True)
+class RoundingCheck:
+    """Is a realigned difference the child's own storage rounding, carried through the realignment?
+
+    ``ratio[role]`` = ‖realigned B − A‖² / ‖realigned simulated rounding‖² per 2-D role: about 1 when
+    the child is a re-encoded (quantised, bf16) copy under the disguise, far above 1 after training.
+    """
+
+    ratios: dict[str, float]
+    median_ratio: float | None
+    fraction_within: float
+    explains: bool
+    formats: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+#: The rounding explains a realigned difference when the median energy ratio is within these bounds …
+ROUNDING_RATIO = (0.6, 1.6)
+#: … and at least this fraction of the matrices have a ratio at most ``2 × ROUNDING_RATIO[1]``.
+ROUNDING_FRACTION = 0.9
+
+
+def rounding_through_realignment(model_a: LayeredModel, model_b: LayeredModel, arch_a: Any, arch_b: Any,
+                                 canon: CanonResult, aligned_a: Mapping[str, Tensor],
+                                 aligned_b: Mapping[str, Tensor], noisy: str = "b") -> RoundingCheck:
+    """Compare the realigned difference with the ``noisy`` side's own rounding, realigned the same way.
+
+    ``aligned_a``/``aligned_b`` are :func:`realigned_layers` of the plain models (role → tensor).  The
+    models are realigned once more with :class:`NoisyModel` on the ``noisy`` side ("a" or "b"); the
+    change it makes per role is that side's storage rounding as the realignment carries it.
+    """
+    if noisy not in ("a", "b"):
+        raise ValueError(f"noisy must be 'a' or 'b', got {noisy!r}")
+    nm = NoisyModel(model_a if noisy == "a" else model_b)
+    ma, mb = (nm, model_b) if noisy == "a" else (model_a, nm)
+    ratios: dict[str, float] = {}
+    for role, ta, tb in realigned_layers(ma, mb, arch_a, arch_b, canon):
+        if nm.noisy == 0:
+            break  # the first layer read has no stored rounding to carry: full-precision weights
+        xa, xb = aligned_a.get(role), aligned_b.get(role)
+        if ta.dim() != 2 or xa is None or xb is None or xa.shape != ta.shape or xb.shape != tb.shape:
+            continue
+        noise = float(((ta - xa).double() ** 2).sum() + ((tb - xb).double() ** 2).sum())
+        if noise <= 0:
+            continue
+        ratios[role] = float(((xb - xa).double() ** 2).sum()) / noise
+    vals = sorted(ratios.values())
+    med = vals[len(vals) // 2] if vals else None
+    within = sum(v <= 2 * ROUNDING_RATIO[1] for v in vals) / len(vals) if vals else 0.0
+    explains = med is not None and ROUNDING_RATIO[0] <= med <= ROUNDING_RATIO[1] and within >= ROUNDING_FRACTION
+    return RoundingCheck(ratios, med, within, explains, tuple(sorted(set(nm.formats.values()))))

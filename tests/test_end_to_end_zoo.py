@@ -151,3 +151,48 @@ def test_gguf_disguised_finetune_is_derived_like_safetensors(zoo: Zoo, fam: str)
     assert abs(gg.verdict.log10_p - st.verdict.log10_p) <= 5
     unrelated = compare(zoo.path(f"{fam}-b0"), zoo.path(f"{fam}-b1-ftd-combined-gguf-Q8_0"))
     assert unrelated.verdict.derived is not True and unrelated.verdict.p_value > 1e-3
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2"])
+def test_disguised_model_quantised_afterwards_is_a_quantised_copy(zoo: Zoo, fam: str) -> None:
+    """ftd → ftd-combined-gguf-Q8_0 is a disguise then a Q8_0 re-upload: once the disguise is undone the
+    difference is the Q8_0 rounding carried through the realignment, so it reads as a quantised copy (and
+    the fine-tune under the same disguise, above, does not)."""
+    planted = [p for p in zoo.pairs("derived") if p.a == f"{fam}-b1-ftd" and p.b == f"{fam}-b1-ftd-combined-gguf-Q8_0"]
+    assert planted and planted[0].relation == "disguised+quantised"
+    r = compare(zoo.path(f"{fam}-b1-ftd"), zoo.path(f"{fam}-b1-ftd-combined-gguf-Q8_0"))
+    assert r.verdict.derived is True and r.verdict.log10_p <= -10
+    assert r.verdict.relation == "quantised copy (disguised)", r.verdict.summary
+    check = r.anatomy["details"]["rounding_check"]
+    assert check["explains"] and 0.6 <= check["median_ratio"] <= 1.6 and tuple(check["formats"]) == ("Q8_0 rounding",)
+    assert r.anatomy["parent"] == "a" and r.anatomy["details"]["quant_format"] == "Q8_0"
+
+
+def test_disguised_copy_quantised_int8_per_row_is_a_quantised_copy(zoo: Zoo, tmp_path) -> None:
+    """The same through a float32 file (no storage-format hint): a pure disguise of the base, then every
+    matrix rounded to int8 per row.  A fine-tune under the same disguise and rounding stays a fine-tune."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def int8_copy(model_id: str, name: str):
+        src = zoo.path(model_id)
+        dst = tmp_path / name
+        shutil.copytree(src, dst)
+        w = load_file(str(dst / "model.safetensors"))
+        for k, v in w.items():
+            if v.dim() == 2:
+                s = v.double().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+                w[k] = (torch.round(v.double() / s) * s).float()
+        save_file(w, str(dst / "model.safetensors"))
+        return dst
+
+    r = compare(zoo.path("llama-b1"), str(int8_copy("llama-b1-combined", "combined-int8")))
+    assert r.verdict.derived is True
+    assert r.verdict.relation == "quantised copy (disguised)", r.verdict.summary
+    # rows of 32 (hidden 32) cannot be told from one Q8_0 block per row; either name is the 8-bit lattice
+    assert r.anatomy["details"]["quant_format"] in ("int8-per-row", "Q8_0")
+    ft = compare(zoo.path("llama-b1"), str(int8_copy("llama-b1-ftd-combined", "ftd-int8")))
+    assert ft.verdict.relation == "fine-tune (disguised)", ft.verdict.summary
+    assert ft.anatomy["details"]["rounding_check"]["explains"] is False
