@@ -196,3 +196,37 @@ def test_disguised_copy_quantised_int8_per_row_is_a_quantised_copy(zoo: Zoo, tmp
     ft = compare(zoo.path("llama-b1"), str(int8_copy("llama-b1-ftd-combined", "ftd-int8")))
     assert ft.verdict.relation == "fine-tune (disguised)", ft.verdict.summary
     assert ft.anatomy["details"]["rounding_check"]["explains"] is False
+
+
+@pytest.mark.parametrize("encoding", ["bf16", "int8"])
+def test_adapter_check_through_the_childs_rounding(zoo: Zoo, tmp_path, encoding: str) -> None:
+    """A merge saved in bf16 or quantised int8 per row afterwards still verifies against its adapter: the
+    residual is the child's storage rounding (ratio ≈ 1), and tensors outside the adapter, re-encoded the
+    same way, do not count as changed.  A re-encoded fine-tune still fails."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lineage.adaptercheck import check_adapter
+
+    def encoded(model_id: str) -> str:
+        dst = tmp_path / f"{model_id}-{encoding}"
+        shutil.copytree(zoo.path(model_id), dst)
+        w = load_file(str(dst / "model.safetensors"))
+        for k, v in w.items():
+            if encoding == "bf16":
+                w[k] = v.to(torch.bfloat16)
+            elif v.dim() == 2:
+                s = v.double().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+                w[k] = (torch.round(v.double() / s) * s).float()
+        save_file(w, str(dst / "model.safetensors"))
+        return str(dst)
+
+    adapter = zoo.model("llama-b0-lora2")["adapter_path"]
+    ok = check_adapter(zoo.path("llama-b0"), encoded("llama-b0-lora2"), adapter)
+    assert ok.verified, ok.summary
+    assert not ok.changed_outside
+    assert all(m.rounding_ratio is not None and 0.5 < m.rounding_ratio < 1.5 for m in ok.modules)
+    bad = check_adapter(zoo.path("llama-b0"), encoded("llama-b0-ft"), adapter)
+    assert not bad.verified and bad.changed_outside
