@@ -84,20 +84,23 @@ class KnownNoiseRank:
         return asdict(self)
 
 
-def rounding_noise(child: torch.Tensor, grid: QuantGrid | None = None) -> RoundingNoise | None:
+def rounding_noise(child: torch.Tensor, grid: QuantGrid | None = None, *,
+                   lattice: bool = True) -> RoundingNoise | None:
     """The rounding-noise variance map of ``child``'s storage format, or None for full-precision values.
 
     ``grid`` is the child's detected quantisation grid (:func:`detect_grid`; detected here when not
-    given): a lattice wins over the float format the lattice values are stored in.
+    given): a lattice wins over the float format the lattice values are stored in.  ``lattice=False``
+    considers float formats only (vectors such as norm gains, which are not quantised and whose few
+    bf16 values near 1 can look like a lattice).
     """
     x = child.detach().to(torch.float32)
     if x.dim() != 2 or x.numel() == 0 or not bool(torch.isfinite(x).all()):
         return None
-    if grid is None:
+    if grid is None and lattice:
         grid = detect_grid(x, max_rows=128)
     var = None
     name = None
-    if grid.on_grid:
+    if lattice and grid is not None and grid.on_grid:
         steps = grid_steps(x, grid)
         if steps is not None:
             var = (steps * steps / 12.0).repeat_interleave(grid.group_size, dim=1)
