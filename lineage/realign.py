@@ -367,8 +367,8 @@ class NoisyModel:
     """A :class:`LayeredModel` that adds simulated storage rounding to another one.
 
     Every 2-D tensor whose values have a known rounding (bf16/fp16 spacing or a quantisation lattice,
-    :func:`lineage.signals.roundnoise.rounding_noise`) gets uniform noise of that variance, seeded by
-    its role, so that realigning this model and the plain one shows what the child's own rounding
+    :func:`lineage.signals.roundnoise.rounding_noise`; vectors: float spacing only) gets uniform noise
+    of that variance, seeded by its role, so that realigning this model and the plain one shows what the child's own rounding
     becomes once the disguise is undone.
     """
 
@@ -383,16 +383,18 @@ class NoisyModel:
         return self.model.n_layers
 
     def _add(self, role: str, t: Tensor | None) -> Tensor | None:
-        if t is None or t.dim() != 2:
+        if t is None or t.dim() not in (1, 2):
             return t
-        nz = rounding_noise(t)
+        vector = t.dim() == 1  # norm gains, biases: float rounding only (never quantised)
+        nz = rounding_noise(t.reshape(1, -1) if vector else t, lattice=not vector)
         if nz is None:
             return t
         g = torch.Generator().manual_seed(zlib.crc32(role.encode()) + self.seed)
         u = torch.rand(t.shape, generator=g).mul_(2.0).sub_(1.0).mul_(math.sqrt(3.0))
-        self.noisy += 1
-        self.formats[role] = nz.name
-        return t.float() + u * nz.variance.sqrt()
+        if not vector:
+            self.noisy += 1
+            self.formats[role] = nz.name
+        return t.float() + u * nz.variance.reshape(t.shape).sqrt()
 
     def global_tensor(self, role: str) -> Tensor | None:
         return self._add(role, self.model.global_tensor(role))

@@ -230,3 +230,34 @@ def test_adapter_check_through_the_childs_rounding(zoo: Zoo, tmp_path, encoding:
     assert all(m.rounding_ratio is not None and 0.5 < m.rounding_ratio < 1.5 for m in ok.modules)
     bad = check_adapter(zoo.path("llama-b0"), encoded("llama-b0-ft"), adapter)
     assert not bad.verified and bad.changed_outside
+
+
+def test_disguised_copy_cast_to_bf16_is_identical(zoo: Zoo, tmp_path) -> None:
+    """A pure disguise of the base saved in bf16 is a copy: within the format's roundoff after undoing the
+    disguise, or — when undoing it magnifies the rounding past that (the full zoo's llama-b1-combined) —
+    by the rounding check (the child's bf16 rounding realigned: ratio 1.06 there)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "combined-bf16"
+    shutil.copytree(zoo.path("llama-b1-combined"), dst)
+    w = load_file(str(dst / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(dst / "model.safetensors"))
+    r = compare(zoo.path("llama-b1"), str(dst))
+    assert r.verdict.relation == "identical (disguised)", r.verdict.summary
+    check = r.anatomy["details"].get("rounding_check")
+    assert check is None or (check["explains"] and tuple(check["formats"]) == ("bf16 rounding",))
+    # the same copy with its roundoff tolerance out of the way must pass the rounding check
+    import lineage.compare as cmp
+
+    saved = cmp._ROUNDOFF
+    cmp._ROUNDOFF = {k: 0.0 for k in saved}
+    try:
+        tight = compare(zoo.path("llama-b1"), str(dst))
+    finally:
+        cmp._ROUNDOFF = saved
+    assert tight.verdict.relation == "identical (disguised)", tight.verdict.summary
+    check = tight.anatomy["details"]["rounding_check"]
+    assert check["explains"] and tuple(check["formats"]) == ("bf16 rounding",)

@@ -328,7 +328,7 @@ def lowrank(
     reported singular values and energy ladder are those of the raw delta.
 
     When the child's storage format has a known rounding (bf16/fp16, or a quantisation lattice:
-    ``grid`` is the child's detected grid, detected here when needed and not given), the rank is
+    ``quant_grid`` is the child's detected grid, detected here when needed and not given), the rank is
     then counted above that known noise (:func:`lineage.signals.roundnoise.known_noise_rank`) and
     that count replaces the estimated-floor reading when the residual it leaves is the rounding's
     energy.  The estimated-floor reading is kept as is when it already shows a decisive gap
