@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
 
 from lineage.adaptercheck import check_adapter  # noqa: E402
+from lineage.testing.reencode import reencoded_folder  # noqa: E402
 from lineage.testing.zoo import Zoo, cache_root, zoo_key  # noqa: E402
 
 log = logging.getLogger("adapter_check")
@@ -39,23 +36,11 @@ NEGATIVE_RELATIONS = ("finetune", "continued_pretraining", "noise")
 
 
 def encoded(src: str, how: str, scratch: Path) -> str:
-    """A copy of the model folder ``src`` re-encoded ``how`` (the folder itself when as stored)."""
+    """The model folder ``src`` re-encoded ``how`` (the folder itself when as stored)."""
     if how == "as stored":
         return src
     dst = scratch / f"{Path(src).name}-{how}"
-    if dst.exists():
-        return str(dst)
-    shutil.copytree(src, dst)
-    for f in dst.glob("*.safetensors"):
-        w = load_file(str(f))
-        for k, v in w.items():
-            if how == "bf16":
-                w[k] = v.to(torch.bfloat16)
-            elif v.dim() == 2:
-                s = v.double().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-                w[k] = (torch.round(v.double() / s) * s).float()
-        save_file(w, str(f))
-    return str(dst)
+    return str(dst if dst.exists() else reencoded_folder(src, dst, how))
 
 
 def main() -> None:

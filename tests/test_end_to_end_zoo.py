@@ -171,22 +171,10 @@ def test_disguised_model_quantised_afterwards_is_a_quantised_copy(zoo: Zoo, fam:
 def test_disguised_copy_quantised_int8_per_row_is_a_quantised_copy(zoo: Zoo, tmp_path) -> None:
     """The same through a float32 file (no storage-format hint): a pure disguise of the base, then every
     matrix rounded to int8 per row.  A fine-tune under the same disguise and rounding stays a fine-tune."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
+    from lineage.testing.reencode import reencoded_folder
 
     def int8_copy(model_id: str, name: str):
-        src = zoo.path(model_id)
-        dst = tmp_path / name
-        shutil.copytree(src, dst)
-        w = load_file(str(dst / "model.safetensors"))
-        for k, v in w.items():
-            if v.dim() == 2:
-                s = v.double().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-                w[k] = (torch.round(v.double() / s) * s).float()
-        save_file(w, str(dst / "model.safetensors"))
-        return dst
+        return reencoded_folder(zoo.path(model_id), tmp_path / name, "int8-per-row")
 
     r = compare(zoo.path("llama-b1"), str(int8_copy("llama-b1-combined", "combined-int8")))
     assert r.verdict.derived is True
@@ -203,25 +191,12 @@ def test_adapter_check_through_the_childs_rounding(zoo: Zoo, tmp_path, encoding:
     """A merge saved in bf16 or quantised int8 per row afterwards still verifies against its adapter: the
     residual is the child's storage rounding (ratio ≈ 1), and tensors outside the adapter, re-encoded the
     same way, do not count as changed.  A re-encoded fine-tune still fails."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
     from lineage.adaptercheck import check_adapter
+    from lineage.testing.reencode import reencoded_folder
 
     def encoded(model_id: str) -> str:
-        dst = tmp_path / f"{model_id}-{encoding}"
-        shutil.copytree(zoo.path(model_id), dst)
-        w = load_file(str(dst / "model.safetensors"))
-        for k, v in w.items():
-            if encoding == "bf16":
-                w[k] = v.to(torch.bfloat16)
-            elif v.dim() == 2:
-                s = v.double().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-                w[k] = (torch.round(v.double() / s) * s).float()
-        save_file(w, str(dst / "model.safetensors"))
-        return str(dst)
+        how = "bf16" if encoding == "bf16" else "int8-per-row"
+        return str(reencoded_folder(zoo.path(model_id), tmp_path / f"{model_id}-{encoding}", how))
 
     adapter = zoo.model("llama-b0-lora2")["adapter_path"]
     ok = check_adapter(zoo.path("llama-b0"), encoded("llama-b0-lora2"), adapter)
@@ -236,15 +211,9 @@ def test_disguised_copy_cast_to_bf16_is_identical(zoo: Zoo, tmp_path) -> None:
     """A pure disguise of the base saved in bf16 is a copy: within the format's roundoff after undoing the
     disguise, or — when undoing it magnifies the rounding past that (the full zoo's llama-b1-combined) —
     by the rounding check (the child's bf16 rounding realigned: ratio 1.06 there)."""
-    import shutil
+    from lineage.testing.reencode import reencoded_folder
 
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    dst = tmp_path / "combined-bf16"
-    shutil.copytree(zoo.path("llama-b1-combined"), dst)
-    w = load_file(str(dst / "model.safetensors"))
-    save_file({k: v.to(torch.bfloat16) for k, v in w.items()}, str(dst / "model.safetensors"))
+    dst = reencoded_folder(zoo.path("llama-b1-combined"), tmp_path / "combined-bf16", "bf16")
     r = compare(zoo.path("llama-b1"), str(dst))
     assert r.verdict.relation == "identical (disguised)", r.verdict.summary
     check = r.anatomy["details"].get("rounding_check")

@@ -1,0 +1,40 @@
+"""Re-encoded copies of model folders (bf16 casts, int8 re-uploads), as a re-upload script makes them.
+
+Used by the tests and benchmarks that check what survives re-encoding (the adapter check, the
+rounding check under a disguise).  Not part of the zoo's recipe: changing it does not rebuild the zoo.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+#: Encodings :func:`reencoded_folder` writes.
+REENCODINGS = ("bf16", "int8-per-row")
+
+
+def reencoded_folder(src: str | Path, dst: str | Path, how: str) -> Path:
+    """Copy the model folder ``src`` to ``dst`` with every safetensors file re-encoded ``how``.
+
+    ``"bf16"`` casts every tensor to bfloat16; ``"int8-per-row"`` rounds every 2-D tensor to symmetric
+    int8 with one scale per *stored* row (kept dequantised in its dtype), as a re-upload script working
+    on the file would.  Config and tokenizer files are copied as they are.
+    """
+    if how not in REENCODINGS:
+        raise ValueError(f"reencoded_folder: how must be one of {REENCODINGS}, got {how!r}")
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    shutil.copytree(src, dst)
+    for f in sorted(dst.glob("*.safetensors")):
+        w = load_file(str(f))
+        for k, v in w.items():
+            if how == "bf16":
+                w[k] = v.to(torch.bfloat16)
+            elif v.dim() == 2:
+                s = v.double().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127.0
+                w[k] = (torch.round(v.double() / s) * s).to(v.dtype)
+        save_file(w, str(f))
+    return dst
