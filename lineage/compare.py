@@ -577,10 +577,21 @@ def _rounding_under_disguise(rel: Any, ca: Checkpoint, cb: Checkpoint, x: Checkp
         findings.append(Finding("warning", f"rounding check of the realigned difference failed ({type(e).__name__}: {e})"))
         return rel
     log.info("rounding through the realignment: median energy ratio %s, explains %s", check.median_ratio, check.explains)
-    details = {**rel.details, "rounding_check": {k: v for k, v in check.to_dict().items() if k != "ratios"}}
+    details = {**rel.details, "rounding_check": check.to_dict()}
     if not check.explains:
         return replace(rel, details=details)
     parent = "a" if child_is_b else "b"
+    # per module: the realigned change is the child's rounding where its energy ratio says so
+    from lineage.realign import ROUNDING_RATIO
+
+    lr = dict(details.get("lowrank") or {})
+    statuses = dict(lr.get("statuses") or {})
+    for role, ratio in check.ratios.items():
+        if ratio <= 2 * ROUNDING_RATIO[1]:
+            statuses[role] = "rounding"
+    details["lowrank"] = {**lr, "kind": "rounding", "rank": None, "modules": (), "ranks": {}, "statuses": statuses,
+                          "description": "every realigned change is the child's storage rounding carried through "
+                                         "the realignment (see rounding_check)"}
     quant = [f.removesuffix(" rounding") for f in check.formats if f not in ("bf16 rounding", "fp16 rounding")]
     details.pop("change", None)
     if quant:
