@@ -1,7 +1,8 @@
 """LoRA rank and module recovery on the zoo: exact rank, exact modules, dense changes not low-rank.
 
 For every zoo pair whose child is a LoRA merge (trained ``loraN`` and synthetic ``lorasynN``, both
-families), and for its child cast to BF16 and quantised int8 per row, runs the anatomy
+families), and for its child cast to BF16, quantised int8 per row and int8 per column (a transposed
+layout quantised per stored row), runs the anatomy
 (:func:`lineage.anatomy.explain`) and checks the relation is "lora merge" with exactly the true rank
 on exactly the true modules.  Then a synthetic sweep of ranks 1–64 on one base per family (all three
 child encodings).  Fine-tune, continued pre-training and noise pairs must not come out low-rank.
@@ -75,12 +76,14 @@ def encode(child: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
         return child
     if how == "bf16":
         return {k: v.bfloat16().float() for k, v in child.items()}
-    if how == "int8-per-row":
+    if how in ("int8-per-row", "int8-per-column"):
+        # per column: what quantising a transposed layout per stored row gives (GPT-2 Conv1D weights)
+        dim = 1 if how == "int8-per-row" else 0
         out = {}
         for k, v in child.items():
             if v.dim() == 2 and not k.startswith("pos_embed"):
                 w = v.double()
-                s = w.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+                s = w.abs().amax(dim, keepdim=True).clamp_min(1e-12) / 127
                 out[k] = (torch.round(w / s).clamp(-127, 127) * s).float()
             else:
                 out[k] = v
@@ -146,7 +149,7 @@ def main() -> None:
     z = Zoo(args.zoo)
     rows: list[dict] = []
     t0 = time.perf_counter()
-    encodings = ("as stored", "bf16", "int8-per-row")
+    encodings = ("as stored", "bf16", "int8-per-row", "int8-per-column")
     for p in z.pairs("derived"):
         if p.hops != 1 or p.relation not in ("lora", "finetune", "continued_pretraining", "noise"):
             continue

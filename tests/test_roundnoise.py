@@ -162,3 +162,42 @@ def test_sketched_path_for_large_matrices():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="equal 2-D shapes"):
         known_noise_rank(torch.zeros(3, 4), rounding_noise(_base(4, 3, 0).bfloat16().float()))
+
+
+def test_grid_along_columns_transposed_layout():
+    """A matrix quantised in its transposed layout (a GPT-2 Conv1D weight rounded per stored row): the
+    lattice is found along columns, its steps and rounding map follow, and a planted LoRA rank survives."""
+    base = _base(96, 384, 71)
+    child_t = _encode(_lora(base, 40, seed=72).T.contiguous(), "int8")  # per row of the transposed layout
+    child = child_t.T.contiguous()
+    grid = detect_grid(child, base)
+    assert grid.on_grid and grid.axis == 1 and grid.format.endswith("along columns"), grid.to_dict()
+    steps = grid_steps(child, grid)
+    assert steps.shape == (384, 1)
+    assert torch.allclose(steps[:, 0], child_t.abs().amax(1) / 127, rtol=1e-3)
+    noise = rounding_noise(child)
+    assert noise is not None and torch.allclose(noise.variance, ((child_t.abs().amax(1, keepdim=True) / 127) ** 2
+                                                                / 12).expand_as(child_t).T, rtol=1e-3)
+    res = lowrank(base, child)
+    assert res.status == "low-rank" and res.rank == 40 and res.rank_source == "known rounding noise"
+    # an ordinary row-wise grid still reads axis 0
+    assert detect_grid(_encode(base, "int8")).axis == 0
+
+
+def test_a_component_barely_across_the_edge_is_not_a_lora():
+    """The strongest component must stand clear of the bulk (``known_noise_lead``): a lone component just
+    across the noise edge is what noise slightly above the rounding produces (the zoo's llama noise0.001
+    child quantised per column read "lora merge, rank 1 on lm_head" without this guard)."""
+    base = _base(2048, 128, 81)
+    g = torch.Generator().manual_seed(82)
+    step = base.double().abs().amax(1, keepdim=True) / 127
+    u = torch.randn(2048, 1, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 128, generator=g, dtype=torch.float64)
+    u, v = u / u.norm(), v / v.norm()
+    # whitened singular value θ = 31: the BBP outlier lands ~3 % above the edge √2048 + √128
+    spike = (step / math.sqrt(12)) * (31.0 * u @ v)
+    child = _encode((base.double() + spike).float(), "int8")
+    kn = known_noise_rank(child - base, rounding_noise(child))
+    assert kn.rank == 1 and 1.0 < kn.lead < LowRankConfig().known_noise_lead, kn.to_dict()
+    assert lowrank(base, child).status != "low-rank"
+    assert lowrank(base, child, config=LowRankConfig(known_noise_lead=0.0)).status == "low-rank"

@@ -82,6 +82,7 @@ class LowRankConfig:
     #: rounding under the counted part (noise, a dense update)
     known_noise_tail: tuple[float, float] = (0.7, 1.2)
     known_noise_excess: float = 2.0   # most residual energy beyond the rounding's, in edge² units (roundnoise)
+    known_noise_lead: float = 1.1     # a low-rank count needs s_1 at least this far above the noise edge
 
     def __post_init__(self) -> None:
         if self.k_max < 1 or self.k_start < 1:
@@ -482,7 +483,9 @@ def lowrank(
             known = {**kn.to_dict(), **noise.to_dict()}
             room = min(m, n) - max(4, min(m, n) // 16)  # the count must leave a noise subspace to test against
             lo, hi = cfg.known_noise_tail
-            if lo <= kn.tail_ratio <= hi and kn.excess_components <= cfg.known_noise_excess and kn.rank <= room:
+            clear = kn.rank == 0 or kn.lead >= cfg.known_noise_lead
+            if lo <= kn.tail_ratio <= hi and kn.excess_components <= cfg.known_noise_excess and kn.rank <= room \
+                    and clear:
                 source = "known rounding noise"
                 status, r, spikes, capped = ("low-rank" if kn.rank else "noise-like"), kn.rank, 0, False
                 gap = kn.gap if kn.rank else None

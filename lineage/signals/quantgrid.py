@@ -28,7 +28,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -58,6 +58,9 @@ class QuantGrid:
     error_ratio: float | None = None
     frac_within_half_step: float | None = None
     consistent_with_parent: bool | None = None
+    #: 0: groups run along rows (the usual ``nn.Linear`` layout); 1: along columns (a tensor quantised in
+    #: its transposed layout, e.g. a GPT-2 Conv1D weight quantised per stored row)
+    axis: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -166,12 +169,29 @@ def detect_grid(
     *,
     max_rows: int = 256,
 ) -> QuantGrid:
-    """Detect the quantisation grid of ``child`` (2-D, float) and compare with ``parent``."""
+    """Detect the quantisation grid of ``child`` (2-D, float) and compare with ``parent``.
+
+    Groups are looked for along rows first, then along columns (``axis`` 1, named "… along columns").
+    """
     x = child.detach().to(torch.float32)
     if x.dim() == 1:
         x = x.reshape(1, -1)
     if x.dim() != 2:
         x = x.reshape(x.shape[0], -1)
+    res = _detect_rows(x, parent, max_rows)
+    if res.on_grid or x.shape[0] < 16 or x.shape[1] < 2:
+        return res
+    # only the sampled columns are transposed (the detection looks at max_rows rows of the transpose)
+    idx = torch.linspace(0, x.shape[1] - 1, min(max_rows, x.shape[1])).round().long().unique()
+    pt = parent.detach().to(torch.float32).reshape(x.shape)[:, idx].T.contiguous() if parent is not None else None
+    cols = _detect_rows(x[:, idx].T.contiguous(), pt, max_rows)
+    if not cols.on_grid:
+        return res
+    return replace(cols, axis=1, format=f"{cols.format} along columns")
+
+
+def _detect_rows(x: torch.Tensor, parent: torch.Tensor | None, max_rows: int) -> QuantGrid:
+    """:func:`detect_grid` along the rows of the 2-D float32 ``x``."""
     fg = float_grid(x)
     xs = _sample_rows(x, max_rows)
     m, n = xs.shape
@@ -237,6 +257,8 @@ def detect_grid(
 def grid_steps(child: torch.Tensor, grid: QuantGrid, *, block_rows: int = 512) -> torch.Tensor | None:
     """Lattice step of every group of ``child`` (shape ``rows × n/group_size``) on the detected ``grid``.
 
+    For a grid along columns (``grid.axis == 1``) the steps are those of ``child.T`` (``cols × m/group_size``).
+
     Every row is examined (the detection samples rows), in blocks of ``block_rows``.  A group not on a
     lattice (or with fewer than three levels) gets the median step of its row's other groups.  None when
     ``grid`` is not a quantisation grid or does not fit ``child``'s width.
@@ -246,6 +268,8 @@ def grid_steps(child: torch.Tensor, grid: QuantGrid, *, block_rows: int = 512) -
     x = child.detach().to(torch.float32)
     if x.dim() == 1:
         x = x.reshape(1, -1)
+    if grid.axis == 1:  # groups along columns: the steps of the transposed tensor
+        x = x.T.contiguous()
     m, n = x.shape
     g = grid.group_size
     if n % g:
@@ -293,6 +317,8 @@ def rounds_exactly(child: torch.Tensor, parent: torch.Tensor, grid: QuantGrid) -
         return False
     x = child.detach().to(torch.float32)
     p = parent.detach().to(torch.float32).reshape(x.shape)
+    if x.dim() == 2 and grid.axis == 1:
+        x, p = x.T.contiguous(), p.T.contiguous()
     if x.dim() != 2 or x.shape[1] % grid.group_size:
         return False
     xg = x.reshape(-1, grid.group_size)

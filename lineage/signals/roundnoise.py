@@ -26,7 +26,9 @@ round-to-nearest error is uniform within it, with variance ``step² / 12``.
    under the edge (see below) account for one or two; noise or a dense update spread
    over the whole complement for many more, growing with the matrix.  A delta with too
    much energy (callers' ``known_noise_excess``) or too little (a wrong noise model) is
-   not explained, and callers keep their own reading.
+   not explained, and callers keep their own reading.  A low-rank reading also needs its
+   strongest component clear of the bulk (``lead`` = s_1 / edge): noise slightly above the
+   rounding lifts the top of the bulk just across the edge, a merged update stands well above it.
 
 Components of ``D`` weaker than the noise edge cannot be seen by any spectral method
 (they fall below the BBP transition): the count is then a lower bound on the rank,
@@ -74,6 +76,7 @@ class KnownNoiseRank:
     rank: int
     tail_ratio: float          # energy after ``rank`` components / (m − rank)(n − rank)
     excess_components: float   # energy beyond the rounding's, in units of (noise edge)²
+    lead: float                # s_1 / the m × n noise edge: how far the strongest component stands out
     edge_ratio: float | None   # s_{rank+1} / its noise edge (None when the rank is full)
     gap: float | None          # s_rank / s_{rank+1} of the balanced delta
     balance_deviation: float   # largest relative error of a balanced row or column sum
@@ -101,9 +104,10 @@ def rounding_noise(child: torch.Tensor, grid: QuantGrid | None = None, *,
     var = None
     name = None
     if lattice and grid is not None and grid.on_grid:
-        steps = grid_steps(x, grid)
+        steps = grid_steps(x, grid)  # rows × groups of the layout the groups run along
         if steps is not None:
             var = (steps * steps / 12.0).repeat_interleave(grid.group_size, dim=1)
+            var = var.T.contiguous() if grid.axis == 1 else var
             name = f"{grid.format} rounding"
     if var is None:
         fg = float_grid(x)
@@ -172,7 +176,8 @@ def known_noise_rank(delta: torch.Tensor, noise: RoundingNoise, *, t: float = ED
     edge_ratio = nxt / _edge(m - k, n - k, 0.0) if nxt is not None else None
     gap = (float(s[k - 1]) / nxt if nxt else math.inf) if k else None
     log.debug("known-noise rank %dx%d (%s): %d, tail %.3f", m, n, noise.name, k, tail_ratio)
-    return KnownNoiseRank(noise=noise.name, rank=k, tail_ratio=tail_ratio, excess_components=excess,
+    lead = float(s[0]) / _edge(m, n, 0.0) if s.numel() else 0.0
+    return KnownNoiseRank(noise=noise.name, rank=k, tail_ratio=tail_ratio, excess_components=excess, lead=lead,
                           edge_ratio=edge_ratio,
                           gap=gap if gap is None or math.isfinite(gap) else None, balance_deviation=dev,
                           computed=int(s.numel()), singular_values=tuple(float(v) for v in s[: max(2 * k + 8, 16)]))
