@@ -33,6 +33,7 @@ from lineage.anatomy import AlignedPair, explain  # noqa: E402
 from lineage.io.checkpoint import open_checkpoint  # noqa: E402
 from lineage.lazyroles import LazyRoles  # noqa: E402
 from lineage.pairing import pair_models, read_role, roles_for  # noqa: E402
+from lineage.testing.reencode import int8_round  # noqa: E402
 from lineage.testing.zoo import Zoo  # noqa: E402
 
 log = logging.getLogger("lora_check")
@@ -79,15 +80,8 @@ def encode(child: dict[str, torch.Tensor], how: str) -> dict[str, torch.Tensor]:
     if how in ("int8-per-row", "int8-per-column"):
         # per column: what quantising a transposed layout per stored row gives (GPT-2 Conv1D weights)
         dim = 1 if how == "int8-per-row" else 0
-        out = {}
-        for k, v in child.items():
-            if v.dim() == 2 and not k.startswith("pos_embed"):
-                w = v.double()
-                s = w.abs().amax(dim, keepdim=True).clamp_min(1e-12) / 127
-                out[k] = (torch.round(w / s).clamp(-127, 127) * s).float()
-            else:
-                out[k] = v
-        return out
+        return {k: int8_round(v, dim) if v.dim() == 2 and not k.startswith("pos_embed") else v
+                for k, v in child.items()}
     raise ValueError(how)
 
 

@@ -68,12 +68,7 @@ class AdapterCheck:
 
 def _rounding_energy(c: torch.Tensor) -> float | None:
     """Expected energy of the storage rounding of the child block ``c`` (None: full precision)."""
-    vector = c.dim() == 1
-    if vector:
-        c = c.reshape(1, -1)
-    if c.dim() != 2:
-        return None
-    nz = rounding_noise(c.float(), lattice=not vector)
+    nz = rounding_noise(c) if c.dim() in (1, 2) else None
     return None if nz is None else float(nz.variance.double().sum())
 
 

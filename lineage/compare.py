@@ -582,13 +582,8 @@ def _rounding_under_disguise(rel: Any, ca: Checkpoint, cb: Checkpoint, x: Checkp
         return replace(rel, details=details)
     parent = "a" if child_is_b else "b"
     # per module: the realigned change is the child's rounding where its energy ratio says so
-    from lineage.realign import ROUNDING_RATIO
-
     lr = dict(details.get("lowrank") or {})
-    statuses = dict(lr.get("statuses") or {})
-    for role, ratio in check.ratios.items():
-        if ratio <= 2 * ROUNDING_RATIO[1]:
-            statuses[role] = "rounding"
+    statuses = {**(lr.get("statuses") or {}), **{role: "rounding" for role in check.within}}
     details["lowrank"] = {**lr, "kind": "rounding", "rank": None, "modules": (), "ranks": {}, "statuses": statuses,
                           "description": "every realigned change is the child's storage rounding carried through "
                                          "the realignment (see rounding_check)"}

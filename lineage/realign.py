@@ -385,16 +385,15 @@ class NoisyModel:
     def _add(self, role: str, t: Tensor | None) -> Tensor | None:
         if t is None or t.dim() not in (1, 2):
             return t
-        vector = t.dim() == 1  # norm gains, biases: float rounding only (never quantised)
-        nz = rounding_noise(t.reshape(1, -1) if vector else t, lattice=not vector)
+        nz = rounding_noise(t)
         if nz is None:
             return t
         g = torch.Generator().manual_seed(zlib.crc32(role.encode()) + self.seed)
         u = torch.rand(t.shape, generator=g).mul_(2.0).sub_(1.0).mul_(math.sqrt(3.0))
-        if not vector:
+        if t.dim() == 2:
             self.noisy += 1
             self.formats[role] = nz.name
-        return t.float() + u * nz.variance.reshape(t.shape).sqrt()
+        return t.float() + u * nz.variance.sqrt()
 
     def global_tensor(self, role: str) -> Tensor | None:
         return self._add(role, self.model.global_tensor(role))
@@ -413,6 +412,7 @@ class RoundingCheck:
 
     ratios: dict[str, float]
     median_ratio: float | None
+    within: tuple[str, ...]   # roles whose ratio is at most 2 × ROUNDING_RATIO[1]
     fraction_within: float
     explains: bool
     formats: tuple[str, ...]
@@ -453,6 +453,7 @@ def rounding_through_realignment(model_a: LayeredModel, model_b: LayeredModel, a
         ratios[role] = float(((xb - xa).double() ** 2).sum()) / noise
     vals = sorted(ratios.values())
     med = vals[len(vals) // 2] if vals else None
-    within = sum(v <= 2 * ROUNDING_RATIO[1] for v in vals) / len(vals) if vals else 0.0
-    explains = med is not None and ROUNDING_RATIO[0] <= med <= ROUNDING_RATIO[1] and within >= ROUNDING_FRACTION
-    return RoundingCheck(ratios, med, within, explains, tuple(sorted(set(nm.formats.values()))))
+    within = tuple(r for r, v in ratios.items() if v <= 2 * ROUNDING_RATIO[1])
+    frac = len(within) / len(vals) if vals else 0.0
+    explains = med is not None and ROUNDING_RATIO[0] <= med <= ROUNDING_RATIO[1] and frac >= ROUNDING_FRACTION
+    return RoundingCheck(ratios, med, within, frac, explains, tuple(sorted(set(nm.formats.values()))))

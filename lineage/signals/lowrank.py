@@ -51,7 +51,7 @@ import torch
 from lineage.lazyroles import is_lazy, map_roles, recall
 from lineage.signals.floatgrid import float_grid, half_ulp
 from lineage.signals.quantgrid import QuantGrid
-from lineage.signals.roundnoise import EXACT_ELEMS, known_noise_rank, rounding_noise
+from lineage.signals.roundnoise import known_noise_rank, rounding_noise
 from lineage_kernels.svd import randomized_svd, randomized_svd_blocks
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,7 @@ def lowrank(
     that count replaces the estimated-floor reading when the residual it leaves is the rounding's
     energy.  The estimated-floor reading is kept as is when it already shows a decisive gap
     (``cfg.trust_gap``) well below half the width, for matrices streamed in blocks, and, on matrices
-    beyond the exact-spectrum size (:data:`lineage.signals.roundnoise.EXACT_ELEMS`), unless it reads
+    beyond the exact-spectrum size (``cfg.full_spectrum_elems``), unless it reads
     low-rank (see the comment at the call).
 
     ``quantised_only``: the caller has established that the child is the base quantised and
@@ -475,11 +475,12 @@ def lowrank(
     # floor sees noise or a dense spectrum up to the sketch cap, the count would run into the bulk or
     # the cap and fail its check; ranks of a third of the width or more, where the estimated floor
     # misses, do not occur at these widths.)
-    worth = m * n <= EXACT_ELEMS or (status == "low-rank" and not capped)
+    worth = m * n <= cfg.full_spectrum_elems or (status == "low-rank" and not capped)
     if cfg.known_noise and dense is not None and child is not None and not decisive and worth:
         noise = rounding_noise(child, quant_grid)
         if noise is not None:
-            kn = known_noise_rank(dense, noise, k_max=cfg.k_max, oversample=cfg.oversample, seed=cfg.seed)
+            kn = known_noise_rank(dense, noise, exact_elems=cfg.full_spectrum_elems, k_max=cfg.k_max,
+                                  oversample=cfg.oversample, seed=cfg.seed)
             known = {**kn.to_dict(), **noise.to_dict()}
             room = min(m, n) - max(4, min(m, n) // 16)  # the count must leave a noise subspace to test against
             lo, hi = cfg.known_noise_tail
@@ -489,9 +490,10 @@ def lowrank(
                 source = "known rounding noise"
                 status, r, spikes, capped = ("low-rank" if kn.rank else "noise-like"), kn.rank, 0, False
                 gap = kn.gap if kn.rank else None
-                floor = math.sqrt(float(noise.variance.double().mean())) * (math.sqrt(m) + math.sqrt(n))
+                mean_var = float(noise.variance.double().mean())
+                floor = math.sqrt(mean_var) * (math.sqrt(m) + math.sqrt(n))
                 if r:
-                    sigma = math.sqrt(kn.tail_ratio * float(noise.variance.double().mean()))
+                    sigma = math.sqrt(kn.tail_ratio * mean_var)
     log.debug("lowrank %sx%s: status=%s rank=%d gap=%s", m, n, status, r, gap)
     return LowRank(status=status, rank=r, rank_capped=bool(capped), gap=gap,
                    noise_floor=floor, noise_sigma=math.sqrt(total / (m * n)) if r == 0 else sigma,

@@ -53,8 +53,6 @@ log = logging.getLogger(__name__)
 
 #: Tracy–Widom units above the noise edge a component must reach to count.
 EDGE_T = 3.0
-#: Matrices up to this many entries get their exact spectrum (float64 LAPACK).
-EXACT_ELEMS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -87,23 +85,25 @@ class KnownNoiseRank:
         return asdict(self)
 
 
-def rounding_noise(child: torch.Tensor, grid: QuantGrid | None = None, *,
-                   lattice: bool = True) -> RoundingNoise | None:
-    """The rounding-noise variance map of ``child``'s storage format, or None for full-precision values.
+def rounding_noise(child: torch.Tensor, grid: QuantGrid | None = None) -> RoundingNoise | None:
+    """The rounding-noise variance map of ``child``'s storage format (same shape), or None for full precision.
 
     ``grid`` is the child's detected quantisation grid (:func:`detect_grid`; detected here when not
-    given): a lattice wins over the float format the lattice values are stored in.  ``lattice=False``
-    considers float formats only (vectors such as norm gains, which are not quantised and whose few
-    bf16 values near 1 can look like a lattice).
+    given): a lattice wins over the float format the lattice values are stored in.  A vector (norm
+    gains, biases) is never taken as quantised: its few bf16 values near 1 can look like a lattice,
+    so only its float format counts.
     """
     x = child.detach().to(torch.float32)
+    vector = x.dim() == 1
+    if vector:
+        x = x.reshape(1, -1)
     if x.dim() != 2 or x.numel() == 0 or not bool(torch.isfinite(x).all()):
         return None
-    if grid is None and lattice:
+    if grid is None and not vector:
         grid = detect_grid(x, max_rows=128)
     var = None
     name = None
-    if lattice and grid is not None and grid.on_grid:
+    if not vector and grid is not None and grid.on_grid:
         steps = grid_steps(x, grid)  # rows × groups of the layout the groups run along
         if steps is not None:
             var = (steps * steps / 12.0).repeat_interleave(grid.group_size, dim=1)
@@ -121,7 +121,7 @@ def rounding_noise(child: torch.Tensor, grid: QuantGrid | None = None, *,
         return None
     # exact zeros (and subnormals) of the child: no meaningful spacing; keep them from dominating the balance
     var = var.clamp_min(float(pos.median()) * 1e-4)
-    return RoundingNoise(name=name, variance=var)
+    return RoundingNoise(name=name, variance=var.reshape(child.shape))
 
 
 def _edge(m: int, n: int, t: float) -> float:
@@ -137,11 +137,11 @@ def _count(s: torch.Tensor, m: int, n: int, t: float, limit: int) -> int:
 
 
 def known_noise_rank(delta: torch.Tensor, noise: RoundingNoise, *, t: float = EDGE_T,
-                     k_start: int = 32, k_max: int = 256, oversample: int = 8, n_iter: int = 4,
-                     seed: int = 0) -> KnownNoiseRank:
+                     exact_elems: int = 1 << 18, k_start: int = 32, k_max: int = 256, oversample: int = 8,
+                     n_iter: int = 4, seed: int = 0) -> KnownNoiseRank:
     """Count the components of ``delta`` above the known rounding noise (see module docstring).
 
-    Small matrices get their exact spectrum; larger ones a randomized truncated SVD of growing size
+    Matrices up to ``exact_elems`` entries get their exact spectrum (float64 LAPACK); larger ones a randomized truncated SVD of growing size
     (``k_start`` ×4 up to ``k_max``), whose singular values never exceed the true ones, so the
     sketch can only under-count.
     """
@@ -152,7 +152,7 @@ def known_noise_rank(delta: torch.Tensor, noise: RoundingNoise, *, t: float = ED
     a, b, dev = balance(noise.variance)
     ra, rb = a.sqrt(), b.sqrt()
     limit = min(m, n) - 1
-    if m * n <= EXACT_ELEMS:
+    if m * n <= exact_elems:
         X = delta.double() * ra[:, None] * rb[None, :]
         total = float((X * X).sum())
         s = torch.linalg.svdvals(X)
@@ -175,8 +175,8 @@ def known_noise_rank(delta: torch.Tensor, noise: RoundingNoise, *, t: float = ED
     nxt = float(s[k]) if k < s.numel() else None
     edge_ratio = nxt / _edge(m - k, n - k, 0.0) if nxt is not None else None
     gap = (float(s[k - 1]) / nxt if nxt else math.inf) if k else None
-    log.debug("known-noise rank %dx%d (%s): %d, tail %.3f", m, n, noise.name, k, tail_ratio)
     lead = float(s[0]) / _edge(m, n, 0.0) if s.numel() else 0.0
+    log.debug("known-noise rank %dx%d (%s): %d, tail %.3f", m, n, noise.name, k, tail_ratio)
     return KnownNoiseRank(noise=noise.name, rank=k, tail_ratio=tail_ratio, excess_components=excess, lead=lead,
                           edge_ratio=edge_ratio,
                           gap=gap if gap is None or math.isfinite(gap) else None, balance_deviation=dev,

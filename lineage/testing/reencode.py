@@ -15,6 +15,14 @@ import torch
 REENCODINGS = ("bf16", "int8-per-row")
 
 
+def int8_round(v: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Symmetric int8 rounding of a 2-D tensor with one scale per row (``dim=1``) or per column (``dim=0``),
+    returned dequantised in ``v``'s dtype."""
+    w = v.double()
+    s = w.abs().amax(dim, keepdim=True).clamp_min(1e-12) / 127.0
+    return (torch.round(w / s).clamp(-127, 127) * s).to(v.dtype)
+
+
 def reencoded_folder(src: str | Path, dst: str | Path, how: str) -> Path:
     """Copy the model folder ``src`` to ``dst`` with every safetensors file re-encoded ``how``.
 
@@ -34,7 +42,6 @@ def reencoded_folder(src: str | Path, dst: str | Path, how: str) -> Path:
             if how == "bf16":
                 w[k] = v.to(torch.bfloat16)
             elif v.dim() == 2:
-                s = v.double().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127.0
-                w[k] = (torch.round(v.double() / s) * s).to(v.dtype)
+                w[k] = int8_round(v)
         save_file(w, str(f))
     return dst
