@@ -26,7 +26,7 @@ import torch
 
 from lineage.errors import ConfigError, LineageError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
-from lineage.pairing import RoleMap, pair_models, parse_role, read_role, roles_for
+from lineage.roles import RoleMap, is_evidence_role, pair_models, parse_role, read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
@@ -249,7 +249,7 @@ def _plan(ca: Checkpoint, cb: Checkpoint, ra: RoleMap, rb: RoleMap):
     pairing = pair_models(ra, rb)
     jobs: list[_Job] = []
     skipped: list[TensorRow] = []
-    findings: list[Finding] = []
+    findings: list[Finding] = [Finding(f.severity, f.message) for f in pairing.findings]
     for m in pairing.matched:
         sa, sb = tuple(m.shape_a), tuple(m.shape_b)
         layer, kind = split_role(m.role)
@@ -292,7 +292,7 @@ def _compare_open(
         shape_a, shape_b = job.shape_a, job.shape_b
         note = None if job.full else f"compared on the first {job.rows} rows ({shape_a[0]} vs {shape_b[0]})"
         is_evidence = (
-            kind in EVIDENCE_KINDS and job.role.endswith(".weight") and len(shape_a) == 2
+            is_evidence_role(job.role) and job.role.endswith(".weight") and len(shape_a) == 2
             and sim.pearson is not None and not (tied_embed and kind == "lm_head")
         )
         if not sim.finite:

@@ -23,7 +23,7 @@ import torch
 from lineage.anatomy import AlignedPair, explain
 from lineage.compare import CompareOptions, compare
 from lineage.io.checkpoint import open_checkpoint
-from lineage.pairing import read_role, roles_for
+from lineage.roles import read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Report
 from lineage.signals.direction import between, direction

@@ -18,7 +18,7 @@ from lineage.fingerprint import (
     save_fingerprint,
 )
 from lineage.io.checkpoint import open_checkpoint
-from lineage.pairing import roles_for
+from lineage.roles import roles_for
 from lineage.progress import ProgressFn
 from lineage.report import ModelSummary, Report
 from lineage.verdict import DERIVED_P, UNRELATED_P, Verdict, p_from_log10

@@ -16,7 +16,7 @@ LAYERS = {
     "lineage.engine": 1,
     "lineage.plots": 1,
     "lineage.signals": 2,
-    "lineage.pairing": 2,
+    "lineage.roles": 2,
     "lineage.lazyroles": 2,
     "lineage.canon": 3,
     "lineage.depth": 3,
