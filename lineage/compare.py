@@ -26,7 +26,7 @@ import torch
 
 from lineage.errors import ConfigError, LineageError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
-from lineage.roles import RoleMap, is_evidence_role, pair_models, parse_role, read_role, roles_for
+from lineage.roles import RoleMap, align_experts, is_evidence_role, pair_models, parse_role, read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
@@ -275,7 +275,7 @@ def _compare_open(
     progress: ProgressFn | None, t0: float,
 ) -> Report:
     ra = roles_for(ca)
-    rb = roles_for(cb)
+    rb = align_experts(ca, ra, cb, roles_for(cb))
     pairing, jobs, rows_out, findings = _plan(ca, cb, ra, rb)
     if not jobs and not rows_out:
         log.warning("no tensors could be paired between %s and %s", ca.ref, cb.ref)

@@ -15,7 +15,7 @@ import torch
 
 from lineage.compare import CompareOptions, compare
 from lineage.roles import assign_roles, is_evidence_role
-from lineage.testing.archs import BUILDERS, noisy, save, weights
+from lineage.testing.archs import BUILDERS, noisy, permute_experts, save, weights
 
 FAMILIES = sorted(BUILDERS)
 ELEMENTWISE = CompareOptions(canonicalise=False, workers=1)
@@ -170,3 +170,22 @@ def test_layer_numbers_from_names_allocate_nothing() -> None:
     assert "L1000000000.norm.attn.weight" in t5.roles
     odd = assign_roles({"decoder.layer_123456789.linear.weight": (2, 2), "x.layers.99999999999999.w": (2, 2)})
     assert set(odd.generic) == {"L123456789.~decoder.layer_123456789.linear.weight", "~x.layers.99999999999999.w"}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_permuted_experts_are_matched_back(family: str, zoo: dict, tmp_path: Path) -> None:
+    """Issue 14: the experts' order is a function-preserving permutation; undone before the statistics."""
+    arch = BUILDERS[family]()
+    base = weights(arch, 1)
+    order = [2, 0, 3, 1]
+    child = save(tmp_path / "perm", noisy(permute_experts(base, order), 0.05, 5), arch.config)
+    r = compare(str(zoo[family][0]), str(child), options=ELEMENTWISE)
+    rows = {row.role: row for row in r.layers}
+    assert rows["L1.moe.E0.mlp.up.weight"].tensor_b.endswith(f"experts.{order.index(0)}.up_proj.weight"
+                                                               if family == "qwen2_moe" else f"experts.{order.index(0)}.w3.weight")
+    experts = [row.pearson for role, row in rows.items() if ".moe." in role and role.endswith(".weight")]
+    assert len(experts) >= 8 * 3 and min(experts) > 0.99
+    assert sum("experts" in f.message and "matched to A's" in f.message for f in r.findings) == 2
+    # Independent experts are left in their stored order (no permutation found, no finding).
+    indep = compare(str(zoo[family][0]), str(zoo[family][2]), options=ELEMENTWISE)
+    assert indep.verdict.relation == "unrelated" and not any("matched to A's" in f.message for f in indep.findings)

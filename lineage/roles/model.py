@@ -111,7 +111,8 @@ class RoleMap:
     (``L{i}.~name``) under which it is still compared with a same-name, same-shape
     tensor of the other model.  With tied embeddings and no stored head,
     ``lm_head.weight`` is absent and ``arch.tied_embeddings`` is True.  ``stacks``
-    names the layer stacks (one for decoder-only models).
+    names the layer stacks (one for decoder-only models); ``realigned`` says which roles were
+    re-keyed to match another model (:func:`lineage.roles.experts.align_experts`).
     """
 
     roles: dict[Role, RoleView]
@@ -120,6 +121,7 @@ class RoleMap:
     notes: tuple[str, ...] = ()
     generic: dict[Role, RoleView] = field(default_factory=dict)
     stacks: tuple[StackSpan, ...] = ()
+    realigned: tuple[str, ...] = ()
 
     @property
     def shapes(self) -> dict[Role, Shape]:

@@ -180,6 +180,7 @@ def pair_models(a: RoleMap, b: RoleMap) -> Pairing:
     only_b = [r for r in b.roles if r not in a.roles]
     _tied_heads(a, b, only_a, only_b, matched, notes)
     generic, findings = _generic_pairs(a, b)
+    findings.extend(RoleFinding("info", f"mixture of experts, {m}") for m in a.realigned + b.realigned)
     matched.extend(generic)
     matched.sort(key=lambda p: role_sort_key(p.role))
     na, nb = a.n_layers, b.n_layers

@@ -348,3 +348,22 @@ def save(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any])
     if config:
         (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def permute_experts(tensors: dict[str, torch.Tensor], order: list[int]) -> dict[str, torch.Tensor]:
+    """Store expert ``order[j]`` as expert ``j`` in every MoE layer, router rows alike (function-preserving).
+
+    Knows Mixtral (``block_sparse_moe.experts.N``, router ``block_sparse_moe.gate``) and Qwen-MoE
+    (``mlp.experts.N``, router ``mlp.gate``) names.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        for box in (".block_sparse_moe.experts.", ".mlp.experts."):
+            if box in name:
+                head, tail = name.split(box, 1)
+                j, rest = tail.split(".", 1)
+                name = f"{head}{box}{order.index(int(j))}.{rest}"
+        if name.endswith((".block_sparse_moe.gate.weight", ".mlp.gate.weight")):
+            t = t[order]
+        out[name] = t
+    return out
