@@ -81,7 +81,6 @@ PARAMS: Mapping[str, str] = MappingProxyType({"weight": "weight", "bias": "bias"
 
 #: The decoder-only layer container: ``layers.N.``, ``h.N.``, ``blk.N.``, ``encoder.layer.N.``.
 DECODER_LAYERS = r"^(?:layers|h|blk|encoder\.layer)\.(\d{1,9})\."
-_FUSED = Layout
 
 # ---------------------------------------------------------------------------- decoder-only tables
 
@@ -100,21 +99,21 @@ _GEMMA = {
 }
 _PHI3 = {
     **_LLAMA,
-    "self_attn.qkv_proj": Part(None, _FUSED.QKV_CONTIG), "mlp.gate_up_proj": Part(None, _FUSED.GATE_UP),
+    "self_attn.qkv_proj": Part(None, Layout.QKV_CONTIG), "mlp.gate_up_proj": Part(None, Layout.GATE_UP),
 }
 _GPT2 = {
     "ln_1": "norm.attn", "ln_2": "norm.mlp",
-    "attn.c_attn": Part(None, _FUSED.QKV_CONV1D), "attn.c_proj": Part("attn.o", _FUSED.CONV1D),
-    "mlp.c_fc": Part("mlp.up", _FUSED.CONV1D), "mlp.c_proj": Part("mlp.down", _FUSED.CONV1D),
+    "attn.c_attn": Part(None, Layout.QKV_CONV1D), "attn.c_proj": Part("attn.o", Layout.CONV1D),
+    "mlp.c_fc": Part("mlp.up", Layout.CONV1D), "mlp.c_proj": Part("mlp.down", Layout.CONV1D),
 }
 _NEOX = {
     "input_layernorm": "norm.attn", "post_attention_layernorm": "norm.mlp",
-    "attention.query_key_value": Part(None, _FUSED.QKV_HEADS), "attention.dense": "attn.o",
+    "attention.query_key_value": Part(None, Layout.QKV_HEADS), "attention.dense": "attn.o",
     "mlp.dense_h_to_4h": "mlp.up", "mlp.dense_4h_to_h": "mlp.down",
 }
 _FALCON = {
     "input_layernorm": "norm.attn", "post_attention_layernorm": "norm.mlp",
-    "self_attention.query_key_value": Part(None, _FUSED.QKV_FALCON), "self_attention.dense": "attn.o",
+    "self_attention.query_key_value": Part(None, Layout.QKV_FALCON), "self_attention.dense": "attn.o",
     "ln_attn": "norm.attn", "ln_mlp": "norm.mlp",
     "mlp.dense_h_to_4h": "mlp.up", "mlp.dense_4h_to_h": "mlp.down",
 }
@@ -126,7 +125,7 @@ _BERT = {
 }
 _GGUF = {
     "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
-    "attn_qkv": Part(None, _FUSED.QKV_CONTIG),
+    "attn_qkv": Part(None, Layout.QKV_CONTIG),
     "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down",
     "attn_norm": "norm.attn", "ffn_norm": "norm.mlp",
     "post_attention_norm": "norm.post_attn", "post_ffw_norm": "norm.post_mlp",
@@ -273,7 +272,7 @@ FAMILIES: tuple[Family, ...] = (
     T5, WHISPER, CLIP, VIT,
     _decoder("gguf-unknown", _GGUF, (), (_GGUF_NAMES, _in_layer(r"attn_qkv\.\w+")), (None, None),
              absent=(_in_layer(r"attn_q\.\w+"),)),
-    _decoder("gguf-phi3", {**_GGUF, "ffn_up": Part(None, _FUSED.GATE_UP)}, ("gguf-phi3",), (r"^$",), ("rms", "rope")),
+    _decoder("gguf-phi3", {**_GGUF, "ffn_up": Part(None, Layout.GATE_UP)}, ("gguf-phi3",), (r"^$",), ("rms", "rope")),
     _decoder("gguf-llama", _GGUF, (), (_GGUF_NAMES,), (None, None)),
     _decoder("gpt2", _GPT2, ("gpt2",), (_in_layer(r"attn\.c_attn\.\w+"),), ("layer", None)),
     _decoder("gpt_neox", _NEOX, ("gpt_neox",), (_in_layer(r"attention\.query_key_value\.\w+"),), ("layer", "rope")),
