@@ -9,7 +9,7 @@ Each :class:`Family` says how its stored tensor names map to role stems:
   ViT's ``embeddings.cls_token``) → role stem.
 - ``model_types``: config ``model_type`` values that use the table; ``markers`` (regexes
   over the stored names with framework prefixes stripped, all must match some name) and
-  ``absent`` (none may match) identify the family from names alone, tried in
+  ``absent`` (none may match) identify the family from names alone (no markers: by config only), tried in
   :data:`FAMILIES` order.
 - ``borrow``: decoder-only tables also accept the names of the other decoder-only tables
   (a checkpoint that mixes conventions, e.g. Phi-2, still gets roles).
@@ -272,12 +272,12 @@ FAMILIES: tuple[Family, ...] = (
     T5, WHISPER, CLIP, VIT,
     _decoder("gguf-unknown", _GGUF, (), (_GGUF_NAMES, _in_layer(r"attn_qkv\.\w+")), (None, None),
              absent=(_in_layer(r"attn_q\.\w+"),)),
-    _decoder("gguf-phi3", {**_GGUF, "ffn_up": Part(None, Layout.GATE_UP)}, ("gguf-phi3",), (r"^$",), ("rms", "rope")),
+    _decoder("gguf-phi3", {**_GGUF, "ffn_up": Part(None, Layout.GATE_UP)}, ("gguf-phi3",), (), ("rms", "rope")),
     _decoder("gguf-llama", _GGUF, (), (_GGUF_NAMES,), (None, None)),
     _decoder("gpt2", _GPT2, ("gpt2",), (_in_layer(r"attn\.c_attn\.\w+"),), ("layer", None)),
     _decoder("gpt_neox", _NEOX, ("gpt_neox",), (_in_layer(r"attention\.query_key_value\.\w+"),), ("layer", "rope")),
     _decoder("falcon", _FALCON, ("falcon",), (_in_layer(r"self_attention\.query_key_value\.\w+"),), ("layer", "rope")),
-    _decoder("bloom", _FALCON, ("bloom",), (r"^$",), ("layer", None)),
+    _decoder("bloom", _FALCON, ("bloom",), (), ("layer", None)),
     _decoder("bert", _BERT, ("bert", "roberta"), (_in_layer(r"attention\.self\.query\.\w+"),), ("layer", None)),
     _decoder("phi3", _PHI3, ("phi3",), (_in_layer(r"self_attn\.qkv_proj\.\w+"),)),
     _decoder("mixtral", _MIXTRAL, ("mixtral",), (_in_layer(r"block_sparse_moe\.gate\.\w+"),)),
@@ -289,7 +289,7 @@ FAMILIES: tuple[Family, ...] = (
     _decoder("qwen3", _LLAMA, ("qwen3",), (_in_layer(r"self_attn\.q_proj\.\w+"), _in_layer(r"self_attn\.q_norm\.\w+"))),
     _decoder("qwen2", _LLAMA, ("qwen2",), (_in_layer(r"self_attn\.q_proj\.bias"),)),
     _decoder("llama", _LLAMA, ("llama", "mistral", "gemma"), (_in_layer(r"self_attn\.q_proj\.\w+"),)),
-    _decoder("phi", _LLAMA, ("phi",), (r"^$",), ("layer", "rope")),
+    _decoder("phi", _LLAMA, ("phi",), (), ("layer", "rope")),
 )
 #: Names every decoder-only table accepts besides its own (``borrow``): the union of their layer tables.
 BORROWED: Mapping[str, Part] = _parts({
