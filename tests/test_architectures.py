@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from lineage.compare import CompareOptions, compare
 from lineage.roles import assign_roles, is_evidence_role

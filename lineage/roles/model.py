@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from lineage.roles.keys import Role, RowRanges, Shape, parse_role
+from lineage.roles.keys import Role, RowRanges, Shape
 
 
 @dataclass(frozen=True)
