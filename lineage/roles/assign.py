@@ -198,9 +198,10 @@ def assign_roles(
     shapes = _shapes_of(tensors)
     b = _Build(_read_config(config, metadata))
     cfg = b.cfg
-    guessed = guess_family(strip_prefixes(n) for n in shapes)
-    fam = table_for(cfg.family) or guessed
-    family = cfg.family or (guessed.name if guessed else "unknown")
+    fam = table_for(cfg.family)
+    if fam is None:
+        fam = guess_family(strip_prefixes(n) for n in shapes)
+    family = cfg.family or (fam.name if fam else "unknown")
     from_config = cfg.family is not None or cfg.gguf_arch is not None
     if cfg.gguf_arch is None and family.startswith("gguf-"):
         cfg.gguf_arch = family.removeprefix("gguf-")
