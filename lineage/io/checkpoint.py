@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 
 from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
 from lineage.io.dtypes import DTYPES
+from lineage.io.provenance import FileIntegrity, HubProvenance
 from lineage.io.safetensors import SafetensorsEntry, header_length, parse_header
 from lineage.io.sources import ByteSource, LocalFileSource
 
@@ -89,6 +91,10 @@ class Checkpoint:
     tokenizer_dir: str | None = None
     _vocab: list[str] | None = field(default=None, repr=False)
     _vocab_loaded: bool = field(default=False, repr=False)
+    #: For Hub references: repo id, revision, resolved commit and files read.
+    provenance: HubProvenance | None = None
+    #: Weight files beside the chosen ones that were not loaded (e.g. a float32 copy).
+    skipped_files: tuple[str, ...] = ()
 
     # -- reading ---------------------------------------------------------------
     def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -131,6 +137,14 @@ class Checkpoint:
     def bytes_read(self) -> int:
         """Bytes read from all sources so far (headers included)."""
         return sum(s.bytes_read for s in self.sources)
+
+    def file_integrity(self) -> tuple[FileIntegrity, ...]:
+        """Per source file: were its bytes verified against a published hash (see :mod:`lineage.io.provenance`)?"""
+        out = []
+        for s in self.sources:
+            check = getattr(s, "integrity", None)
+            out.append(check() if callable(check) else FileIntegrity(s.name, s.size, "local"))
+        return tuple(out)
 
     def in_file_order(self, names: list[str] | None = None) -> list[str]:
         """The given tensor names (default: all) sorted by (file, offset)."""
@@ -245,25 +259,61 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
 
 
+_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def select_safetensors(names: list[str], index_shards: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """The ``.safetensors`` files ``transformers`` would load from a folder, and the ones left out.
+
+    The index's shards when there is an index, else ``model.safetensors``, else a
+    ``model-0000i-of-0000n`` set, else every file except ``consolidated*`` (several
+    unrelated files then fail with "tensor appears in both").  Adapter weights are never
+    model weights.
+    """
+    st = sorted(n for n in names if n.endswith(".safetensors") and not n.startswith("adapter_model"))
+    if index_shards is not None:
+        chosen = sorted(set(index_shards))
+    elif "model.safetensors" in st:
+        chosen = ["model.safetensors"]
+    elif any(_SHARD_NAME.fullmatch(n) for n in st):
+        chosen = [n for n in st if _SHARD_NAME.fullmatch(n)]
+    else:
+        chosen = [n for n in st if not n.startswith("consolidated")] or st
+    return chosen, [n for n in st if n not in chosen]
+
+
+def note_skipped(ckpt: Checkpoint, skipped: list[str], where: str) -> None:
+    """Record (and log, for the user) the weight files of a folder that were not loaded."""
+    if not skipped:
+        return
+    ckpt.skipped_files = tuple(skipped)
+    chosen = ", ".join(sorted({Path(s.name).name for s in ckpt.sources}))
+    log.warning("%s: loading %s as transformers would; left out %s", where, chosen, ", ".join(skipped))
+
+
 def open_local_safetensors(ref: str) -> Checkpoint | None:
-    """A ``.safetensors`` file, or a folder with one file or an index of shards."""
+    """A ``.safetensors`` file, or a folder: its index of shards, else ``model.safetensors`` (see :func:`select_safetensors`)."""
     path = Path(ref)
+    skipped: list[str] = []
     if path.is_file() and path.suffix == ".safetensors":
         folder, files = path.parent, [path]
     elif path.is_dir():
         folder = path
         index = path / "model.safetensors.index.json"
+        names = [f.name for f in path.glob("*.safetensors")]
         if index.is_file():
             files = _shards_from_index(index)
+            _, skipped = select_safetensors(names, [f.name for f in files])
         else:
-            files = sorted(path.glob("*.safetensors"))
-            files = [f for f in files if not f.name.startswith("adapter_model")]
-            if not files:
+            chosen, skipped = select_safetensors(names)
+            if not chosen:
                 return None
+            files = [path / n for n in chosen]
     else:
         return None
     sources: list[ByteSource] = [LocalFileSource(f) for f in files]
     ckpt = open_safetensors_sources(ref, sources)
+    note_skipped(ckpt, skipped, ref)
     ckpt.config = load_config(folder)
     ckpt.tokenizer_dir = str(folder) if _has_tokenizer(folder) else None
     if path.is_dir() and (path / "model.safetensors.index.json").is_file():
