@@ -17,7 +17,7 @@ Revisions: ``main`` and the repo's commit hash (a sha1 of its file list and size
 Gated repos answer 401 unless the request carries ``Authorization: Bearer <token>``.
 
 Faults are injected with :meth:`HubServer.add_fault`: a rule matches a path substring
-and fires ``times`` times (``None`` = always).  Kinds: ``drop`` (close the connection
+and fires ``times`` times (``None`` = always), after letting ``after`` matching requests through.  Kinds: ``drop`` (close the connection
 without answering), ``slow`` (sleep ``seconds`` before answering), ``drip`` (send the
 body slowly), ``404``, ``401``, ``500``, ``429`` (with ``Retry-After: seconds``), ``truncate``
 (send half the promised body, then close), ``norange`` (ignore ``Range`` and answer 200 with
@@ -59,9 +59,14 @@ class Fault:
     times: int | None = 1
     seconds: float = 0.0
     method: str | None = None
+    #: Matching requests let through untouched before the fault starts firing.
+    after: int = 0
 
     def take(self, method: str, path: str) -> bool:
         if self.match not in path or (self.method and self.method != method):
+            return False
+        if self.after > 0:
+            self.after -= 1
             return False
         if self.times is None:
             return True
@@ -133,8 +138,8 @@ class HubServer:
         self.stop()
 
     def add_fault(self, match: str, kind: str, times: int | None = 1, seconds: float = 0.0,
-                  method: str | None = None) -> Fault:
-        f = Fault(match, kind, times, seconds, method)
+                  method: str | None = None, after: int = 0) -> Fault:
+        f = Fault(match, kind, times, seconds, method, after)
         with self._lock:
             self.faults.append(f)
         return f
