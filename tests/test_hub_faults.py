@@ -201,3 +201,25 @@ def test_deadline_from_env_and_progress_carries_rate(hub, monkeypatch):
     assert seen[-1].total_bytes == (srv.root / "org/tiny/model.safetensors").stat().st_size
     monkeypatch.setenv("LINEAGE_HUB_DEADLINE", "none")
     assert HubOptions.from_env().deadline is None
+
+
+def test_small_file_download_dropped_is_retried(hub):
+    srv, _ = hub
+    srv.add_fault("/config.json", "drop", times=1)  # hf_hub_download does not retry a dropped connection
+    ck = open_hub("org/tiny", HubOptions.from_env(http=FAST))
+    assert ck.config["model_type"] == "llama"
+    assert len([r for r in srv.requests if r[1].endswith("/config.json")]) >= 2
+
+
+def test_default_progress_reaches_models_opened_by_reference(hub):
+    from lineage.io import open_checkpoint
+    from lineage.io.hub import set_transfer_progress
+
+    seen: list[TransferProgress] = []
+    set_transfer_progress(seen.append)
+    try:
+        ck = open_checkpoint("org/tiny")
+        _read_all(ck)
+    finally:
+        set_transfer_progress(None)
+    assert seen and seen[-1].model == "hf://org/tiny" and seen[-1].bytes_read >= ck.total_bytes

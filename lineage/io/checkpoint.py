@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from lineage.errors import CheckpointError, HeaderError, ShardError, Unsupported
 from lineage.io.dtypes import DTYPES
 from lineage.io.provenance import FileIntegrity, HubProvenance
 from lineage.io.safetensors import SafetensorsEntry, header_length, parse_header
+from lineage.io.selection import note_skipped, select_safetensors
 from lineage.io.sources import ByteSource, LocalFileSource
 
 log = logging.getLogger(__name__)
@@ -257,38 +257,6 @@ def load_config(folder: Path) -> dict[str, Any] | None:
 
 def _has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt"))
-
-
-_SHARD_NAME = re.compile(r"model-\d+-of-\d+\.safetensors")
-
-
-def select_safetensors(names: list[str], index_shards: list[str] | None = None) -> tuple[list[str], list[str]]:
-    """The ``.safetensors`` files ``transformers`` would load from a folder, and the ones left out.
-
-    The index's shards when there is an index, else ``model.safetensors``, else a
-    ``model-0000i-of-0000n`` set, else every file except ``consolidated*`` (several
-    unrelated files then fail with "tensor appears in both").  Adapter weights are never
-    model weights.
-    """
-    st = sorted(n for n in names if n.endswith(".safetensors") and not n.startswith("adapter_model"))
-    if index_shards is not None:
-        chosen = sorted(set(index_shards))
-    elif "model.safetensors" in st:
-        chosen = ["model.safetensors"]
-    elif any(_SHARD_NAME.fullmatch(n) for n in st):
-        chosen = [n for n in st if _SHARD_NAME.fullmatch(n)]
-    else:
-        chosen = [n for n in st if not n.startswith("consolidated")] or st
-    return chosen, [n for n in st if n not in chosen]
-
-
-def note_skipped(ckpt: Checkpoint, skipped: list[str], where: str) -> None:
-    """Record (and log, for the user) the weight files of a folder that were not loaded."""
-    if not skipped:
-        return
-    ckpt.skipped_files = tuple(skipped)
-    chosen = ", ".join(sorted({Path(s.name).name for s in ckpt.sources}))
-    log.warning("%s: loading %s as transformers would; left out %s", where, chosen, ", ".join(skipped))
 
 
 def open_local_safetensors(ref: str) -> Checkpoint | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 from lineage.errors import ConfigError, RemoteError
+from lineage.io.httppool import ConnectionPool
 from lineage.io.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -65,40 +66,6 @@ class HttpOptions:
 
 class _Retry(Exception):
     """An attempt failed in a way worth retrying (internal)."""
-
-
-class _ConnectionPool:
-    """Idle keep-alive connections per (scheme, host, port), shared by threads."""
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
-        self.opened = 0
-
-    def get(self, scheme: str, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
-        key = (scheme, host, port)
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                conn = idle.pop()
-                conn.timeout = timeout
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
-                return conn
-            self.opened += 1
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-        return cls(host, port, timeout=timeout)
-
-    def put(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            self._idle.setdefault((scheme, host, port), []).append(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            conns = [c for v in self._idle.values() for c in v]
-            self._idle.clear()
-        for c in conns:
-            c.close()
 
 
 def _split(url: str) -> tuple[str, str, int, str]:
@@ -142,7 +109,7 @@ class HttpRangeSource:
         self._token = token
         self._size = size
         self._resolved: str | None = None  # remembered redirect target
-        self._pool = _ConnectionPool()
+        self._pool = ConnectionPool()
         self._lock = threading.Lock()
         self._bytes_read = 0
         #: Requests sent (including redirects and retries) and retries made.

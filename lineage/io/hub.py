@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from lineage.errors import CheckpointError, RemoteError, ShardError
-from lineage.io.checkpoint import Checkpoint, open_safetensors_sources
+from lineage.errors import RemoteError
+from lineage.io.checkpoint import Checkpoint
 from lineage.io.http import HttpOptions, HttpRangeSource
-from lineage.io.hubapi import HubUnreachable, call_with_retries, unreachable_reason
+from lineage.io.hubapi import HubUnreachable, call_with_retries
 from lineage.io.provenance import HubProvenance
 from lineage.io.sources import ByteSource, LocalFileSource
 from lineage.io.spill import SpilledSource, spill_enabled
@@ -130,9 +130,23 @@ class HubOptions:
             download=_truthy(os.environ.get("LINEAGE_HUB_DOWNLOAD")),
             offline=_truthy(os.environ.get("HF_HUB_OFFLINE")),
             deadline=DeadlineOptions.from_env(),
+            progress=_default_progress,
         )
         env.update(overrides)
         return cls(**env)
+
+
+_default_progress: ProgressCallback | None = None
+
+
+def set_transfer_progress(callback: ProgressCallback | None) -> None:
+    """Report the bytes and rate of every Hub model opened from now on to ``callback`` (``None``: stop).
+
+    For front ends (the CLI's progress display): models opened by reference, e.g. through
+    :func:`lineage.io.open_checkpoint`, take their options from :meth:`HubOptions.from_env`.
+    """
+    global _default_progress
+    _default_progress = callback
 
 
 def _token() -> str | None:
@@ -221,14 +235,15 @@ class HubRepo:
             return hit
         from huggingface_hub import hf_hub_download
 
-        try:
-            path = hf_hub_download(
+        path = call_with_retries(
+            lambda: hf_hub_download(
                 self.ref.repo_id, filename, revision=self.commit, cache_dir=self.options.cache_dir,
                 endpoint=self.options.endpoint, token=self.options.token,
                 etag_timeout=self.options.http.stall_timeout,
-            )
-        except Exception as e:
-            raise _remote_error(e, f"hf://{self.ref.repo_id}/{filename}") from e
+            ),
+            what=f"hf://{self.ref.repo_id}/{filename}", endpoint=self.options.endpoint, http=self.options.http,
+            to_error=_remote_error,
+        )
         self._remember_revision()
         return path
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from lineage.errors import CheckpointError, RemoteError, ShardError
-from lineage.io.checkpoint import Checkpoint, note_skipped, open_safetensors_sources, select_safetensors
+from lineage.io.checkpoint import Checkpoint, open_safetensors_sources
+from lineage.io.selection import note_skipped, select_safetensors
 from lineage.io.hub import TOKENIZER_FILES, HubCheckpoint, HubRepo, _upgrade
 from lineage.io.sources import ByteSource
 

@@ -85,7 +85,11 @@ def model_deadline(options: DeadlineOptions | None, total_bytes: int | None) -> 
 
 
 class Transfer:
-    """Network time and bytes of one model, shared by all its remote files (thread-safe)."""
+    """Network time and bytes of one model, shared by all its remote files (thread-safe).
+
+    ``progress`` is called at most every ``report_every`` seconds, and once more when every
+    byte of the model's files has arrived.
+    """
 
     def __init__(self, model: str, *, deadline: float = math.inf, total_bytes: int | None = None,
                  progress: ProgressCallback | None = None, report_every: float = 0.25) -> None:
@@ -130,7 +134,8 @@ class Transfer:
             if self._active == 0:
                 self._busy += now - self._since
             self._bytes += nbytes
-            report = now - self._last_report >= self._every
+            done = self.total_bytes is not None and self._bytes >= self.total_bytes > 0
+            report = done or now - self._last_report >= self._every
             if report:
                 self._last_report = now
             slow_log = now - self._last_log >= 10.0
