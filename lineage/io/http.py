@@ -65,7 +65,19 @@ class HttpOptions:
 
 
 class _Retry(Exception):
-    """An attempt failed in a way worth retrying (internal)."""
+    """An attempt failed in a way worth retrying (internal); ``wait``: the server's ``Retry-After``."""
+
+    def __init__(self, message: str, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+def _retry_after(resp: http.client.HTTPResponse) -> float:
+    """Seconds from a ``Retry-After`` header (0 when absent or an HTTP date), at most 120."""
+    try:
+        return min(120.0, max(0.0, float(resp.getheader("Retry-After") or 0)))
+    except ValueError:
+        return 0.0
 
 
 def _split(url: str) -> tuple[str, str, int, str]:
@@ -208,7 +220,7 @@ class HttpRangeSource:
 
     def _with_retries(self, attempt, deadline: float, offset: int, length: int) -> None:
         delay = self.options.backoff
-        last = ""
+        last, server_wait = "", 0.0
         for i in range(self.options.retries + 1):
             if self._closed:
                 raise RemoteError("source is closed", path=self.name)
@@ -216,13 +228,13 @@ class HttpRangeSource:
                 attempt()
                 return
             except _Retry as e:
-                last = str(e)
+                last, server_wait = str(e), e.wait
             remaining = deadline - time.monotonic()
             if i == self.options.retries or remaining <= 0:
                 break
             with self._lock:
                 self.retries += 1
-            wait = min(delay, self.options.max_backoff, remaining)
+            wait = min(max(server_wait, min(delay, self.options.max_backoff)), remaining)
             log.info("%s: %s; retry %d/%d in %.2fs", self.name, last, i + 1,
                      self.options.retries, wait)
             time.sleep(wait)
@@ -297,7 +309,7 @@ class HttpRangeSource:
                     )
                 if status in _RETRY_STATUS:
                     resp.read()
-                    raise _Retry(f"HTTP {status}")
+                    raise _Retry(f"HTTP {status}", _retry_after(resp))
                 if status not in (200, 206):
                     raise RemoteError(f"unexpected HTTP {status} {resp.reason}", path=self.name)
                 if url != self.url:
