@@ -41,8 +41,9 @@ def server(tmp_path_factory):
         d = root / "org" / name
         d.mkdir(parents=True)
         save_file(sd, str(d / "model.safetensors"))
-        (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32,
-                                                   "num_hidden_layers": 2}))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2,
+                                                   "num_attention_heads": 4, "intermediate_size": 32,
+                                                   "vocab_size": 64}))
     with HubServer(root) as srv:
         yield srv, sd
 
@@ -223,3 +224,14 @@ def test_default_progress_reaches_models_opened_by_reference(hub):
     finally:
         set_transfer_progress(None)
     assert seen and seen[-1].model == "hf://org/tiny" and seen[-1].bytes_read >= ck.total_bytes
+
+
+def test_fingerprint_compare_says_bytes_unverified(hub, tmp_path):
+    """A fingerprint reads a few % of the file: the report says its bytes were not verified."""
+    from lineage.compare import compare
+    from lineage.fpcompare import write_fingerprint
+
+    write_fingerprint("org/copy", tmp_path / "copy.lfp")
+    r = compare("org/tiny", str(tmp_path / "copy.lfp"))
+    assert r.a.hub is not None and r.a.hub.repo_id == "org/tiny"
+    assert [f.status for f in r.a.files] == ["partial"] and not r.a.files[0].verified
