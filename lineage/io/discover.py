@@ -129,7 +129,7 @@ def discover_hub_org(org: str, *, limit: int | None = None) -> list[ModelEntry]:
     if opts.offline:
         raise ConfigError(f"org:{org}: HF_HUB_OFFLINE is set, so the models of a Hub organisation cannot be listed")
     # one TCP connection first: a refused or unknown endpoint fails now, not after the client's five retries
-    check_reachable(opts.endpoint, opts.http.stall_timeout)
+    check_reachable(opts.endpoint, min(10.0, opts.http.stall_timeout))
     try:
         models = list(HfApi(endpoint=opts.endpoint, token=opts.token).list_models(author=org, limit=limit))
     except Exception as e:  # noqa: BLE001 - every Hub failure becomes a typed, one-line error

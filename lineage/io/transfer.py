@@ -157,11 +157,15 @@ class Transfer:
         """The error raised once the deadline has passed."""
         snap = self.snapshot()
         return RemoteError(
-            f"overall deadline of {self.deadline:.0f} s of network time reached after "
+            f"overall deadline of {_fmt_seconds(self.deadline)} of network time reached after "
             f"{_fmt_bytes(snap.bytes_read)} ({_fmt_bytes(snap.bytes_per_second)}/s); the server is too slow "
             f"(raise it with {DEADLINE_ENV}=SECONDS, or 'none')",
             path=self.model,
         )
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
 
 
 def _fmt_bytes(n: float) -> str:
