@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cache_dir(*parts: str) -> Path:
-    """Lineage's cache folder (:func:`lineage.cachedir.cache_root`) joined with ``parts`` (created)."""
-    from lineage.cachedir import cache_path
+    """Lineage's cache folder (:func:`lineage.io.cachedir.cache_root`) joined with ``parts`` (created)."""
+    from lineage.io.cachedir import cache_path
 
     return cache_path(*parts, create=True)
 

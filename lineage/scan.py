@@ -188,7 +188,7 @@ def _cache_dir(opts: ScanOptions) -> Path:
     if opts.cache_dir:
         d = Path(opts.cache_dir)
     else:
-        from lineage.cachedir import cache_path
+        from lineage.io.cachedir import cache_path
 
         d = cache_path("fingerprints")
     d.mkdir(parents=True, exist_ok=True)

@@ -228,7 +228,7 @@ def test_index_shards_only_and_adapter_base_with_a_copy(tmp_path):
 
 
 def test_cache_root_follows_lineage_cache_then_xdg(tmp_path, monkeypatch):
-    from lineage.cachedir import cache_path, cache_root
+    from lineage.io.cachedir import cache_path, cache_root
     from lineage.scan import ScanOptions, _cache_dir
     from lineage.testing import zoo
 
@@ -244,7 +244,7 @@ def test_cache_root_follows_lineage_cache_then_xdg(tmp_path, monkeypatch):
 
 
 def test_no_cache_path_computed_elsewhere():
-    """Every place that needs lineage's cache asks lineage.cachedir (no second copy of the rule)."""
+    """Every place that needs lineage's cache asks lineage.io.cachedir (no second copy of the rule)."""
     repo = Path(__file__).resolve().parent.parent
     offenders = [str(p.relative_to(repo)) for p in [*repo.glob("lineage/**/*.py"), *repo.glob("benchmarks/*.py"),
                                                    *repo.glob("fixtures/*.py")]
