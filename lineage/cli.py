@@ -64,6 +64,8 @@ def cli(debug: bool, verbose: int) -> None:
     """Decide from the weights alone whether one model was derived from another."""
     level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # huggingface_hub prints its own warnings (its handler, HF_HUB_VERBOSITY): not a second time through ours
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 @cli.command()

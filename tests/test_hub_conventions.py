@@ -256,3 +256,14 @@ def test_no_cache_path_computed_elsewhere():
 def test_remote_error_is_typed(hub, monkeypatch):
     with pytest.raises(RemoteError, match="not found"):
         open_checkpoint("org/does-not-exist")
+
+
+def test_hub_client_warnings_are_printed_once(hub, tmp_path):
+    import os
+    import subprocess
+
+    hub.add_fault("/api/models", "500", times=1)  # huggingface_hub retries the listing itself, with a warning
+    p = subprocess.run([sys.executable, "-m", "lineage.cli", "scan", "org:nobody", "--no-progress",
+                        "--cache-dir", str(tmp_path / "fp")], capture_output=True, text=True, env=dict(os.environ),
+                       timeout=120)
+    assert p.stderr.count("Retrying in") == 1, p.stderr
