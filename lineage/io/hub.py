@@ -123,7 +123,7 @@ class HubOptions:
     def from_env(cls, **overrides: Any) -> HubOptions:
         """Options from ``HF_ENDPOINT``, ``HF_TOKEN`` (or the token ``hf auth login`` saved),
         ``HF_HUB_CACHE``/``HF_HOME``, ``HF_HUB_OFFLINE``, ``LINEAGE_HUB_DOWNLOAD``, ``LINEAGE_HUB_DEADLINE``."""
-        env = dict(
+        env: dict[str, Any] = dict(
             endpoint=(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
             token=_token(),
             cache_dir=_default_cache(),
@@ -209,7 +209,7 @@ class HubRepo:
         self.files: dict[str, int | None] = {s.rfilename: s.size for s in siblings}
         #: SHA-256 of each LFS file, as the Hub publishes it.
         self.sha256: dict[str, str] = {s.rfilename: s.lfs.sha256 for s in siblings
-                                       if getattr(s, "lfs", None) is not None and getattr(s.lfs, "sha256", None)}
+                                       if s.lfs is not None and s.lfs.sha256}
         self.card_data = getattr(info, "card_data", None)
         self.transfer = Transfer(str(ref), deadline=model_deadline(options.deadline, 0), total_bytes=0,
                                  progress=options.progress)

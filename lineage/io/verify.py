@@ -22,7 +22,7 @@ import threading
 from typing import Any
 
 from lineage.errors import RemoteError
-from lineage.io.provenance import FileIntegrity
+from lineage.io.provenance import FileIntegrity, IntegrityStatus
 from lineage.io.sources import ByteSource
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class VerifiedSource:
     # -- verification ------------------------------------------------------------
     def integrity(self) -> FileIntegrity:
         """What is known about these bytes now (``partial`` until every byte was read)."""
+        status: IntegrityStatus
         with self._lock:
             if self._pos < self.size:
                 status = "partial"
