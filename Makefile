@@ -1,13 +1,23 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create a virtualenv under .venv, install the CPU build of torch first
-# (a bare `torch` requirement would pull a multi-GB CUDA build), then the package.
+# Both create a virtualenv under .venv, install torch first, then the package.
+# Without CUDA (no nvidia-smi) torch comes from PyTorch's CPU index: a bare `torch` from
+# PyPI is the multi-GB CUDA build on Linux.  Where that index cannot be reached (a
+# network with only a package mirror), the configured index is used instead.
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.installed-stamp
+TORCH ?= torch==2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q torch==2.13.0
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(VENV)/bin/pip install -q '$(TORCH)'; \
+	else \
+	    $(VENV)/bin/pip install -q --timeout 15 --retries 1 --index-url $(TORCH_CPU_INDEX) '$(TORCH)' \
+	    || { echo "PyTorch CPU index unreachable: installing $(TORCH) from the configured index"; \
+	         $(VENV)/bin/pip install -q '$(TORCH)'; }; \
+	fi
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 

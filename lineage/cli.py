@@ -31,9 +31,29 @@ def _want_colour(flag: bool | None, stream: Any) -> bool:
 def _progress(no_progress: bool):
     from lineage.progress import ProgressBar
 
-    if no_progress or not sys.stderr.isatty():
+    if no_progress or not sys.stderr.isatty() or _hf_truthy("HF_HUB_DISABLE_PROGRESS_BARS"):
         return None
     return ProgressBar(sys.stderr)
+
+
+def _hf_truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+_revision_option = click.option("--revision", help="Hub revision (branch, tag or commit) for Hub references "
+                                "without their own @REV.")
+_token_option = click.option("--token", help="Hugging Face token (default: HF_TOKEN, or the one `hf auth login` saved).")
+
+
+def _hub_refs(refs: tuple[str, ...], revision: str | None, token: str | None) -> list[str]:
+    """Apply ``--token`` (as HF_TOKEN) and ``--revision`` (to Hub references without their own @REV)."""
+    from lineage.io.hub import parse_hub_ref, with_revision
+
+    if token:
+        os.environ["HF_TOKEN"] = token
+    if revision and not any(parse_hub_ref(r) for r in refs):
+        raise click.UsageError("--revision applies to Hub references only (org/name, hf://…)")
+    return [with_revision(r, revision) for r in refs]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,6 +64,8 @@ def cli(debug: bool, verbose: int) -> None:
     """Decide from the weights alone whether one model was derived from another."""
     level = logging.DEBUG if debug or verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # huggingface_hub prints its own warnings (its handler, HF_HUB_VERBOSITY): not a second time through ours
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 @cli.command()
@@ -61,10 +83,12 @@ def cli(debug: bool, verbose: int) -> None:
 @click.option("--base", "merge_base", help="The parents' common base for --parents (default: A, unless A is a parent).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--color/--no-color", "colour", default=None, help="Colour the terminal output (default: when a terminal).")
+@_revision_option
+@_token_option
 def compare(
     a: str, b: str, as_json: bool, html_path: str | None, device: str, expect: str | None,
     tensors: bool, no_canon: bool, adapter: str | None, parents: tuple[str, ...], merge_base: str | None,
-    no_progress: bool, colour: bool | None,
+    no_progress: bool, colour: bool | None, revision: str | None = None, token: str | None = None,
 ) -> int:
     """Compare model A (reference) with model B and give a lineage verdict.
 
@@ -75,6 +99,8 @@ def compare(
     from lineage.compare import CompareOptions
     from lineage.compare import compare as run_compare
 
+    if revision or token:
+        a, b = _hub_refs((a, b), revision, token)
     bar = _progress(no_progress)
     try:
         report = run_compare(a, b, options=CompareOptions(device=device, canonicalise=not no_canon), progress=bar)
@@ -117,7 +143,10 @@ def compare(
 @click.option("--json", "as_json", is_flag=True, help="Write the inspection as JSON to stdout.")
 @click.option("--tensors/--no-tensors", default=False, help="List every tensor.")
 @click.option("--download", is_flag=True, help="For Hub references: download files instead of range reads.")
-def inspect(ref: str, as_json: bool, tensors: bool, download: bool) -> int:
+@_revision_option
+@_token_option
+def inspect(ref: str, as_json: bool, tensors: bool, download: bool, revision: str | None = None,
+            token: str | None = None) -> int:
     """Show what a model reference holds (format, tensors, roles, dtypes, claimed lineage) without comparing."""
     import json
 
@@ -125,6 +154,8 @@ def inspect(ref: str, as_json: bool, tensors: bool, download: bool) -> int:
 
     if download:
         os.environ["LINEAGE_HUB_DOWNLOAD"] = "1"
+    if revision or token:
+        (ref,) = _hub_refs((ref,), revision, token)
     result = run_inspect(ref)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2, default=str))
@@ -141,7 +172,10 @@ def inspect(ref: str, as_json: bool, tensors: bool, download: bool) -> int:
               help="Fingerprint file to write (.lfp).")
 @click.option("--json", "as_json", is_flag=True, help="Print size, bytes read and timing as JSON.")
 @click.option("--no-progress", is_flag=True)
-def fingerprint(model: str, output: str, as_json: bool, no_progress: bool) -> int:
+@_revision_option
+@_token_option
+def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revision: str | None = None,
+                token: str | None = None) -> int:
     """Write MODEL's compact, transform-invariant fingerprint (compare it later with `lineage compare`)."""
     import json
 
@@ -149,6 +183,8 @@ def fingerprint(model: str, output: str, as_json: bool, no_progress: bool) -> in
 
     if not output.endswith(SUFFIX):
         raise click.UsageError(f"the fingerprint file name must end in {SUFFIX}")
+    if revision or token:
+        (model,) = _hub_refs((model,), revision, token)
     bar = _progress(no_progress)
     try:
         info = write_fingerprint(model, output, progress=bar)
@@ -227,7 +263,7 @@ def tree(models: tuple[str, ...], as_json: bool, html_path: str | None, no_progr
 @click.option("--address", help="Scheduler address for --engine dask/ray (default: start a local cluster).")
 @click.option("--confirm", is_flag=True, help="Confirm every fingerprint link with the full weight comparison.")
 @click.option("--alpha", type=float, help="Per-pair link threshold (default: 1e-3 / number of pairs).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Fingerprint cache (default: $LINEAGE_CACHE/fingerprints).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Fingerprint cache (default: $LINEAGE_CACHE, else $XDG_CACHE_HOME/lineage or ~/.cache/lineage, + /fingerprints).")
 @click.option("--refresh", is_flag=True, help="Recompute cached fingerprints.")
 @click.option("--json", "as_json", is_flag=True, help="Write the scan (schema lineage.scan/1) as JSON to stdout.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write the drawn tree as HTML.")

@@ -209,6 +209,9 @@ def _summary(ckpt: Checkpoint, roles: RoleMap) -> ModelSummary:
         hidden=getattr(arch, "hidden", None),
         dtypes=dict(Counter(m.dtype for m in ckpt.tensors.values())),
         claims=claims,
+        hub=ckpt.provenance,
+        files=ckpt.file_integrity(),
+        skipped_files=ckpt.skipped_files,
     )
 
 

@@ -47,7 +47,8 @@ def _fingerprint(ref: str, progress: ProgressFn | None) -> tuple[Fingerprint, Mo
         # CheckpointModel gives the fingerprint row-span access: only the sample is read (see lineage.fingerprint)
         fp = compute_fingerprint(CheckpointModel(ck, rm), rm.arch, ck.vocab(), progress=progress, source=str(ref))
         summary = ModelSummary(ck.ref, ck.format, len(ck.tensors), ck.total_bytes, ck.bytes_read,
-                               rm.arch.family, rm.arch.n_layers, rm.arch.hidden)
+                               rm.arch.family, rm.arch.n_layers, rm.arch.hidden, hub=ck.provenance,
+                               files=ck.file_integrity(), skipped_files=ck.skipped_files)
         requests = sum(int(getattr(s, "requests", 0)) for s in ck.sources)
     log.info("fingerprint of %s: read %d of %d bytes (%.2f%%) in %d range requests", ref, summary.bytes_read,
              summary.total_bytes, 100.0 * summary.bytes_read / max(1, summary.total_bytes), requests)

@@ -13,6 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lineage.io.provenance import FileIntegrity, HubProvenance
 from lineage.verdict import Verdict
 
 SCHEMA = "lineage.compare/1"
@@ -32,6 +33,12 @@ class ModelSummary:
     hidden: int | None = None
     dtypes: dict[str, int] = field(default_factory=dict)
     claims: dict[str, Any] = field(default_factory=dict)
+    #: For a Hub reference: repo id, revision, resolved commit, files (not a snapshot path).
+    hub: HubProvenance | None = None
+    #: Per file read: were its bytes verified against the hash the Hub publishes?
+    files: tuple[FileIntegrity, ...] = ()
+    #: Weight files beside the loaded ones that were left out (e.g. a float32 copy).
+    skipped_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,15 @@ _model = {
         "hidden": {"type": ["integer", "null"]},
         "dtypes": {"type": "object"},
         "claims": {"type": "object"},
+        "hub": {"type": ["object", "null"], "properties": {
+            "repo_id": {"type": "string"}, "revision": {"type": "string"}, "commit": {"type": "string"},
+            "files": {"type": "array", "items": {"type": "string"}}, "endpoint": {"type": "string"},
+            "from_cache": {"type": "boolean"}}},
+        "files": {"type": "array", "items": {"type": "object", "properties": {
+            "file": {"type": "string"}, "size": {"type": "integer"},
+            "status": {"enum": ["verified", "partial", "no-hash", "local"]},
+            "expected_sha256": _str_or_null, "bytes_hashed": {"type": "integer"}}}},
+        "skipped_files": {"type": "array", "items": {"type": "string"}},
     },
 }
 

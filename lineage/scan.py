@@ -188,8 +188,9 @@ def _cache_dir(opts: ScanOptions) -> Path:
     if opts.cache_dir:
         d = Path(opts.cache_dir)
     else:
-        env = os.environ.get("LINEAGE_CACHE")
-        d = (Path(env) if env else Path.home() / ".cache" / "lineage") / "fingerprints"
+        from lineage.io.cachedir import cache_path
+
+        d = cache_path("fingerprints")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
