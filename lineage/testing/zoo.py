@@ -2,7 +2,7 @@
 
 ``build_zoo("small")`` (a few seconds, used by the tests) or ``build_zoo("full")``
 (minutes) returns a :class:`Zoo`; the folder is
-``$LINEAGE_CACHE/zoo/<subset>-<recipe hash>/`` (default cache ``$XDG_CACHE_HOME/lineage`` or ``~/.cache/lineage``, see :mod:`lineage.io.cachedir`)
+``$LINEAGE_CACHE/zoo/<subset>-<recipe hash>/`` (default cache ``~/.cache/lineage``)
 and is reused while the recipe, the code of :mod:`lineage.testing` and the
 training text are unchanged.
 
@@ -49,9 +49,8 @@ ZOO_MODULES = ("bpe", "corpus", "derive", "gguf_export", "jobs", "kquants", "mod
 
 
 def cache_root() -> Path:
-    from lineage.io.cachedir import cache_root as root
-
-    return root()
+    env = os.environ.get("LINEAGE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "lineage"
 
 
 def _code_fingerprint() -> str:
