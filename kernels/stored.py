@@ -109,16 +109,15 @@ def _q8_0(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     blocks = raw.reshape(-1, 34)
     d = _fp16_at(raw, 0, 34).to(dtype)
     q = blocks[:, 2:].contiguous().view(torch.int8).to(dtype)
-    return (q * d[:, None]).reshape(-1)
+    return q.mul_(d[:, None]).reshape(-1)
 
 
 def _q4_k_scales(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """6-bit scales and mins (blocks, 8) from the 12 packed bytes (blocks, 12), as int64."""
-    q = sc.to(torch.int64)
-    lo_s = q[:, 0:4] & 63
-    lo_m = q[:, 4:8] & 63
-    hi_s = (q[:, 8:12] & 15) | ((q[:, 0:4] >> 6) << 4)
-    hi_m = (q[:, 8:12] >> 4) | ((q[:, 4:8] >> 6) << 4)
+    """6-bit scales and mins (blocks, 8) from the 12 packed bytes (blocks, 12), as uint8."""
+    lo_s = sc[:, 0:4] & 63
+    lo_m = sc[:, 4:8] & 63
+    hi_s = (sc[:, 8:12] & 15) | ((sc[:, 0:4] >> 6) << 4)
+    hi_m = (sc[:, 8:12] >> 4) | ((sc[:, 4:8] >> 6) << 4)
     return torch.cat([lo_s, hi_s], dim=1), torch.cat([lo_m, hi_m], dim=1)
 
 
@@ -127,15 +126,34 @@ def _q4_k(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     d = _fp16_at(raw, 0, 144).to(dtype)
     dmin = _fp16_at(raw, 2, 144).to(dtype)
     sc, mn = _q4_k_scales(blocks[:, 4:16])
-    qs = blocks[:, 16:].reshape(-1, 4, 32).to(torch.int64)
-    codes = torch.stack([qs & 15, qs >> 4], dim=2).reshape(-1, 8, 32).to(dtype)  # sub-block j = 2g + hi
+    qs = blocks[:, 16:].reshape(-1, 4, 1, 32)
+    codes = torch.cat([qs & 15, qs >> 4], dim=2).reshape(-1, 8, 32).to(dtype)  # sub-block j = 2g + hi
     scale = (d[:, None] * sc.to(dtype))[:, :, None]
     offset = (dmin[:, None] * mn.to(dtype))[:, :, None]
-    return (codes * scale - offset).reshape(-1)
+    return codes.mul_(scale).sub_(offset).reshape(-1)
 
 
 def _dequant_blocks(kind: str, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _q8_0(raw, dtype) if kind == "Q8_0" else _q4_k(raw, dtype)
+
+
+def _int8_range(s: Stored, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Whole rows scaled by broadcasting; the partial rows at either end by index."""
+    cols = s.shape[1]
+    flat = s.data.reshape(-1)
+    r0, r1 = -(-start // cols), stop // cols
+    if r1 <= r0:
+        idx = torch.arange(start, stop, device=s.device)
+        idx = idx // cols if s.axis == 0 else idx % cols
+        return flat[start:stop].to(dtype) * s.scale.to(dtype)[idx]
+    sc = s.scale.to(dtype)
+    mid = flat[r0 * cols : r1 * cols].view(r1 - r0, cols).to(dtype)
+    mid *= sc[r0:r1, None] if s.axis == 0 else sc[None, :]
+    parts = [_int8_range(s, start, r0 * cols, dtype)] if start < r0 * cols else []
+    parts.append(mid.reshape(-1))
+    if r1 * cols < stop:
+        parts.append(_int8_range(s, r1 * cols, stop, dtype))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 def dequantise_range(s: Stored, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -146,11 +164,7 @@ def dequantise_range(s: Stored, start: int, stop: int, dtype: torch.dtype = torc
     if s.kind == "dense":
         return s.data.reshape(-1)[start:stop].to(dtype)
     if s.kind == "int8":
-        rows, cols = s.shape
-        flat = s.data.reshape(-1)[start:stop].to(dtype)
-        idx = torch.arange(start, stop, device=s.device)
-        idx = idx // cols if s.axis == 0 else idx % cols
-        return flat * s.scale.to(dtype)[idx]
+        return _int8_range(s, start, stop, dtype)
     per, nbytes = GGUF_BLOCKS[s.kind]
     if start % per or (stop % per and stop != s.numel):
         raise ValueError(f"dequantise_range: {start}:{stop} is not on {s.kind} block boundaries")

@@ -8,7 +8,8 @@ formats may differ: a ``bfloat16`` base against a ``Q4_K`` re-upload).
 - On CUDA (or with ``backend="triton"``) one Triton kernel reads every byte of both
   operands once, dequantises in registers and accumulates in float32 per lane.
 - On the CPU the values are dequantised one cache-sized chunk at a time to float32
-  and reduced by :func:`lineage_kernels.moments.pair_moments` (float64 across chunks).
+  and reduced by :func:`lineage_kernels.moments.pair_moments` (float64 across chunks),
+  single-threaded (as compare runs it, one tensor per worker).
 
 ``pair_moments_stored_reference`` dequantises both operands whole to float64 on the
 CPU and sums there.  ``triton_available()`` says whether the Triton path can run.
@@ -22,6 +23,7 @@ import torch
 
 from lineage_kernels.moments import CHUNK_ELEMS, pair_moments, pair_moments_reference
 from lineage_kernels.stored import Stored, chunk_bounds, dequantise_range, dequantise_reference
+from lineage_kernels.threads import single_threaded
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -59,6 +61,11 @@ def pair_moments_stored(a: Stored, b: Stored, *, chunk_elems: int = CHUNK_ELEMS,
         from lineage_kernels.triton_kernels import pair_moments_stored_triton
 
         return pair_moments_stored_triton(a, b)
+    with single_threaded(a.device):  # as compare runs it: threads only add spin-waits on shared cores
+        return _torch_path(a, b, chunk_elems)
+
+
+def _torch_path(a: Stored, b: Stored, chunk_elems: int) -> torch.Tensor:
     if a.kind == "dense" and b.kind == "dense":
         return pair_moments(a.data, b.data, chunk_elems)
     n = a.numel

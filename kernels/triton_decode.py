@@ -91,11 +91,12 @@ def decode_raw(raw, FMT: tl.constexpr):
 
 
 @triton.jit
-def load_values(ptr, sptr, idx, mask, cols, s0, s1, FMT: tl.constexpr, SCALE: tl.constexpr):
+def load_values(ptr, sptr, idx, mask, cols, s0, s1, FMT: tl.constexpr, SCALE: tl.constexpr, FLAT: tl.constexpr):
     """Float32 values at flat indices ``idx`` of one operand (0 where ``mask`` is false).
 
-    Dense operands are a strided 2-D view (``cols`` columns, strides ``s0``, ``s1``);
-    GGUF operands are flat bytes.
+    Dense operands are a strided 2-D view (``cols`` columns, strides ``s0``, ``s1``), or
+    contiguous (``FLAT``: addressed by ``idx`` directly, no integer division unless a
+    scale needs the row or column); GGUF operands are flat bytes.
     """
     if FMT == 3:
         x = _q8_0(ptr, idx, mask)
@@ -104,7 +105,11 @@ def load_values(ptr, sptr, idx, mask, cols, s0, s1, FMT: tl.constexpr, SCALE: tl
     else:
         row = idx // cols
         col = idx % cols
-        raw = tl.load(ptr + row * s0 + col * s1, mask=mask, other=0)
+        if FLAT:
+            off = idx
+        else:
+            off = row * s0 + col * s1
+        raw = tl.load(ptr + off, mask=mask, other=0)
         x = decode_raw(raw, FMT)
         if SCALE == 1:
             x = x * tl.load(sptr + row, mask=mask, other=0).to(tl.float32)

@@ -49,17 +49,18 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 
 
 def operand_args(s: Stored) -> tuple:
-    """``(ptr, scale_ptr, cols, s0, s1, FMT, SCALE)`` for :func:`load_values`."""
+    """``(ptr, scale_ptr, cols, s0, s1, FMT, SCALE, FLAT)`` for :func:`load_values`."""
     if s.kind in ("Q8_0", "Q4_K"):
         fmt = FMT_Q8_0 if s.kind == "Q8_0" else FMT_Q4_K
-        return s.data, s.data, 1, 0, 0, fmt, 0
+        return s.data, s.data, 1, 0, 0, fmt, 0, True
     t = _as_2d(s.data)
     if t.shape[1] == 0:
         t = t.reshape(0, 1)
     t, fmt = _dense_format(t)
     scale = 0 if s.kind == "dense" else 1 + s.axis
     sptr = s.scale if s.scale is not None else t
-    return t, sptr, t.shape[1], t.stride(0), t.stride(1), fmt, scale
+    flat = t.is_contiguous()
+    return t, sptr, t.shape[1], t.stride(0), t.stride(1), fmt, scale, flat
 
 
 def _tiles(n: int) -> tuple[int, int, int]:
@@ -75,7 +76,8 @@ def _tiles(n: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _moments_kernel(a_ptr, as_ptr, a_cols, a_s0, a_s1, b_ptr, bs_ptr, b_cols, b_s0, b_s1, part_ptr, n,
-                    FMT_A: tl.constexpr, SCALE_A: tl.constexpr, FMT_B: tl.constexpr, SCALE_B: tl.constexpr,
+                    FMT_A: tl.constexpr, SCALE_A: tl.constexpr, FLAT_A: tl.constexpr,
+                    FMT_B: tl.constexpr, SCALE_B: tl.constexpr, FLAT_B: tl.constexpr,
                     BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
@@ -88,8 +90,8 @@ def _moments_kernel(a_ptr, as_ptr, a_cols, a_s0, a_s1, b_ptr, bs_ptr, b_cols, b_
     for it in tl.range(0, ITERS):
         idx = (pid * ITERS + it) * BLOCK + lanes
         mask = idx < n
-        x = load_values(a_ptr, as_ptr, idx, mask, a_cols, a_s0, a_s1, FMT_A, SCALE_A)
-        y = load_values(b_ptr, bs_ptr, idx, mask, b_cols, b_s0, b_s1, FMT_B, SCALE_B)
+        x = load_values(a_ptr, as_ptr, idx, mask, a_cols, a_s0, a_s1, FMT_A, SCALE_A, FLAT_A)
+        y = load_values(b_ptr, bs_ptr, idx, mask, b_cols, b_s0, b_s1, FMT_B, SCALE_B, FLAT_B)
         d = x - y
         s_a += x
         s_b += y
@@ -115,10 +117,11 @@ def pair_moments_stored_triton(a: Stored, b: Stored) -> torch.Tensor:
         raise ValueError(f"pair_moments (triton): {n} values exceed one launch; split the tensor")
     block, iters, grid = _tiles(n)
     part = torch.empty(grid, 6, dtype=torch.float32, device=a.device)
-    pa, sa, ca, a0, a1, fa, ka = operand_args(a)
-    pb, sb, cb, b0, b1, fb, kb = operand_args(b)
+    pa, sa, ca, a0, a1, fa, ka, la = operand_args(a)
+    pb, sb, cb, b0, b1, fb, kb, lb = operand_args(b)
     _moments_kernel[(grid,)](pa, sa, ca, a0, a1, pb, sb, cb, b0, b1, part, n,
-                             FMT_A=fa, SCALE_A=ka, FMT_B=fb, SCALE_B=kb, BLOCK=block, ITERS=iters)
+                             FMT_A=fa, SCALE_A=ka, FLAT_A=la, FMT_B=fb, SCALE_B=kb, FLAT_B=lb,
+                             BLOCK=block, ITERS=iters)
     sums = part.double().sum(dim=0).cpu()
     return torch.cat([torch.tensor([float(n)], dtype=torch.float64), sums])
 

@@ -40,11 +40,13 @@ def _row(r: CaseResult) -> str:
         return f"{r.kernel:<8} {r.variant:<14} {r.size:>5}  skipped: {r.skipped}"
     return (f"{r.kernel:<8} {r.variant:<14} {r.size:>5} {_fmt(r.wall_s, 1e-3, '10.2f')} {_fmt(r.cpu_s, 1e-3, '9.1f')}"
             f" {_fmt(r.bytes_per_s, 1e9, '8.2f')} {_fmt(r.flops_per_s, 1e9, '9.1f')}"
-            f" {_fmt(r.fraction, 0.01, '6.1f')}% {_fmt(r.memcpy_ratio, 1.0, '7.2f')}")
+            f" {_fmt(r.fraction, 0.01, '6.1f')}% {_fmt(r.memcpy_ratio, 1.0, '7.2f')}"
+            f" {_fmt(r.memcpy_cpu_ratio, 1.0, '7.2f')}")
 
 
 def render_text(report: BenchReport) -> str:
-    """A table: time, CPU time, GB/s, GFLOP/s, fraction of the roofline, ratio to a copy of the same bytes."""
+    """A table: time, CPU time, GB/s, GFLOP/s, fraction of the roofline, time over a copy of the same bytes
+    (wall, and CPU time over the copy's CPU time)."""
     lim = report.limits
     load = "" if lim.load_average is None else f"; load average {lim.load_average[0]:.2f}"
     head = [
@@ -52,7 +54,7 @@ def render_text(report: BenchReport) -> str:
         f"limits: copy {lim.copy_bytes_per_s / 1e9:.2f} GB/s (read+write, {lim.copy_bytes >> 20} MiB), "
         f"{lim.matmul_dtype} matmul {lim.matmul_flops_per_s / 1e9:.1f} GFLOP/s (n={lim.matmul_n})",
         f"{'kernel':<8} {'variant':<14} {'size':>5} {'ms':>10} {'cpu ms':>9} {'GB/s':>8} {'GFLOP/s':>9}"
-        f" {'roof':>7} {'/memcpy':>7}",
+        f" {'roof':>7} {'/memcpy':>7} {'(cpu)':>7}",
     ]
     return "\n".join(head + [_row(r) for r in report.results]) + "\n"
 

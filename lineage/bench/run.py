@@ -58,6 +58,8 @@ class CaseResult:
     fraction: float | None
     memcpy_s: float | None
     memcpy_ratio: float | None
+    memcpy_cpu_s: float | None = None
+    memcpy_cpu_ratio: float | None = None  # CPU time over the copy's CPU time (steadier on a loaded machine)
     skipped: str | None = None
 
 
@@ -91,7 +93,7 @@ def resolve(config: BenchConfig) -> BenchConfig:
 
 def _skipped(case: Case, why: str) -> CaseResult:
     return CaseResult(case.kernel, case.variant, case.size, case.shape, 0, 0.0,
-                      None, None, None, None, None, None, None, why)
+                      None, None, None, None, None, None, None, skipped=why)
 
 
 def run_case(case: Case, device: torch.device, limits: Limits, reps: int) -> CaseResult:
@@ -104,7 +106,8 @@ def run_case(case: Case, device: torch.device, limits: Limits, reps: int) -> Cas
     tc = copy_time(nbytes, device, reps)
     roof = max(nbytes / limits.copy_bytes_per_s, flops / limits.matmul_flops_per_s)
     return CaseResult(case.kernel, case.variant, case.size, case.shape, nbytes, flops, t.wall_s, t.cpu_s,
-                      nbytes / t.wall_s, flops / t.wall_s, roof / t.wall_s, tc.wall_s, t.wall_s / tc.wall_s)
+                      nbytes / t.wall_s, flops / t.wall_s, roof / t.wall_s, tc.wall_s, t.wall_s / tc.wall_s,
+                      tc.cpu_s, t.cpu_s / tc.cpu_s if tc.cpu_s > 0 else None)
 
 
 def run_bench(config: BenchConfig, on_case: Callable[[CaseResult], None] | None = None) -> BenchReport:
