@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
 PY="${PY:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python
+# Not installed (offline GPU machine)? Import the tree in place: lineage/ from the root, kernels/ as lineage_kernels.
+if ! "$PY" -c "import lineage_kernels, lineage" 2>/dev/null; then
+    SHIM="$(mktemp -d)"; ln -s "$PWD/kernels" "$SHIM/lineage_kernels"
+    export PYTHONPATH="$PWD:$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+fi
 LINEAGE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels_triton.py
 "$PY" -m lineage.cli bench --device cuda --json --html "$OUT/bench_kernels.html" > "$OUT/bench_kernels.json"
 "$PY" - "$OUT/bench_kernels.json" > "$OUT/bench_kernels.txt" <<'PYEOF'

@@ -10,7 +10,7 @@ returns a float64 ``(groups, 2)`` tensor ``[Σ r², max |r|]`` of each row or co
 ``float8``); ``step`` holds one positive step per group.
 
 On CUDA a Triton kernel decodes, divides, rounds and reduces in one read of ``w``;
-on the CPU row blocks are processed in float32 with torch.
+on the CPU cache-sized row blocks are processed in float32 with torch, single-threaded.
 ``lattice_residual_reference`` does the same in float64 on the CPU.
 """
 
@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 
 from lineage_kernels.stored_moments import use_triton
+from lineage_kernels.threads import single_threaded
 
-#: Rows processed at once on the CPU.
-ROW_BLOCK = 512
+#: Elements processed at once on the CPU (whole rows; stays in cache).
+CHUNK_ELEMS = 1 << 18
 
 
 def _prepare(w: torch.Tensor, step: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +59,11 @@ def lattice_residual(w: torch.Tensor, step: torch.Tensor, axis: int = 0, *, back
     if x.shape[1] == 0:
         return out
     s32 = st.to(x.device, torch.float32)
-    for r0 in range(0, x.shape[0], ROW_BLOCK):
-        t = x[r0 : r0 + ROW_BLOCK].float() / s32[r0 : r0 + ROW_BLOCK, None]
-        r = t.sub_(torch.floor(t + 0.5))
-        out[r0 : r0 + r.shape[0], 0] = (r * r).sum(dim=1).double().cpu()
-        out[r0 : r0 + r.shape[0], 1] = r.abs().amax(dim=1).double().cpu()
+    rows = max(1, CHUNK_ELEMS // x.shape[1])
+    with single_threaded(x.device):
+        for r0 in range(0, x.shape[0], rows):
+            t = x[r0 : r0 + rows].float().div_(s32[r0 : r0 + rows, None])
+            r = t.sub_(torch.round(t))  # round-half-even vs floor(t + ½): same |r| at ties
+            out[r0 : r0 + r.shape[0], 0] = torch.linalg.vector_norm(r, dim=1).double().square().cpu()
+            out[r0 : r0 + r.shape[0], 1] = torch.linalg.vector_norm(r, ord=float("inf"), dim=1).double().cpu()
     return out
