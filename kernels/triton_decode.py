@@ -35,7 +35,8 @@ def decode_e4m3(raw):
     sub = m.to(tl.float32) * 0.001953125  # m · 2^-9
     sub = tl.where(sign == 1, -sub, sub)
     x = tl.where(e == 0, sub, normal)
-    return tl.where((e == 15) & (m == 7), float("nan"), x)
+    nan = (u * 0 + 0x7FC00000).to(tl.float32, bitcast=True)  # a quiet NaN, built from bits
+    return tl.where((e == 15) & (m == 7), nan, x)
 
 
 @triton.jit
