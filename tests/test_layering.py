@@ -37,6 +37,7 @@ LAYERS = {
     "lineage.scan": 7,
     "lineage.family": 7,
     "lineage.testing": 7,
+    "lineage.bench": 7,
     "lineage.cli": 8,
 }
 
