@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
@@ -110,7 +111,7 @@ def page(title: str, body: str) -> str:
 <style>
 body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;font-size:12px}} td,th{{border:1px solid #ddd;padding:2px 6px;text-align:right}}
-th{{background:#f4f4f4}} td.l,th.l{{text-align:left}} .derived{{color:#0a7d2c}} .unrelated{{color:#1f5fa8}}
+th{{background:#f4f4f4}} td.l,th.l,td:first-child,th:first-child{{text-align:left}} .derived{{color:#0a7d2c}} .unrelated{{color:#1f5fa8}}
 .inconclusive{{color:#b36b00}} code{{background:#f4f4f4;padding:0 3px}} .muted{{color:#777}}
 h1{{font-size:1.4em}} h2{{font-size:1.25em}} h3{{margin-top:1.6em}} figure{{margin:1em 0}} figcaption{{font-size:12px;color:#555}}
 .summary{{background:#f7f9fc;border:1px solid #d8e0ec;border-radius:6px;padding:0.6em 1.2em}}
@@ -136,7 +137,11 @@ def _svg_of(fig: object) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")  # type: ignore[attr-defined]
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    text = text[text.index("<svg"):]
+    # inline in HTML: no RDF metadata block, no namespace URLs (the HTML parser knows SVG and xlink)
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text, flags=re.S)
+    return text.replace(' xmlns:xlink="http://www.w3.org/1999/xlink"', "").replace(
+        ' xmlns="http://www.w3.org/2000/svg"', "")
 
 
 def _figure(width: float = 7.5, height: float = 3.4) -> tuple[object, object]:
