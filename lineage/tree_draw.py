@@ -77,12 +77,13 @@ def _p_lookup(pairs: Sequence[Mapping[str, Any]] | None) -> dict[frozenset[str],
     return out
 
 
-def _legend(relations: Sequence[str], any_undirected: bool, any_merge: bool) -> str:
+def _legend(relations: Sequence[str], any_undirected: bool, any_merge: bool, any_directed: bool = True) -> str:
     e = html.escape
     items = [f'<span class="key"><svg width="34" height="10"><line x1="0" y1="5" x2="34" y2="5" '
              f'stroke="{COLOURS.get(r, "#555")}" stroke-width="3"/></svg>{e(r)}</span>' for r in relations]
-    items.append('<span class="key"><svg width="34" height="10"><line x1="0" y1="5" x2="28" y2="5" stroke="#333" '
-                 'stroke-width="2" marker-end="url(#arr)"/></svg>parent → child (direction from evidence)</span>')
+    if any_directed:
+        items.append('<span class="key"><svg width="34" height="10"><line x1="0" y1="5" x2="28" y2="5" stroke="#333" '
+                     'stroke-width="2" marker-end="url(#arr)"/></svg>parent → child (direction from evidence)</span>')
     if any_undirected:
         items.append('<span class="key"><svg width="34" height="10"><line x1="0" y1="5" x2="34" y2="5" stroke="#333" '
                      'stroke-width="2"/></svg>undirected (no direction evidence)</span>')
@@ -158,7 +159,8 @@ def render_html(tree: Tree, title: str = "lineage family tree",
     body = [f"<h1>{e(title)}</h1>", defs,
             f"<p>{len(tree.nodes)} models in {len(tree.roots)} "
             f"famil{'y' if len(tree.roots) == 1 else 'ies'}; {len(tree.edges)} links.</p>",
-            _legend(rels, any(not ed.directed for ed in tree.edges), any(ed.other_parents for ed in tree.edges)),
+            _legend(rels, any(not ed.directed for ed in tree.edges), any(ed.other_parents for ed in tree.edges),
+                    any(ed.directed for ed in tree.edges)),
             f'<div class="tree">{"".join(parts)}</div>']
     if any(not ed.directed for ed in tree.edges):
         body.append(f"<p class='muted'>{e(UNDIRECTED_NOTE)}.</p>")
@@ -170,13 +172,14 @@ def render_html(tree: Tree, title: str = "lineage family tree",
 
 def _edge_table(tree: Tree, pvals: Mapping[frozenset[str], float]) -> str:
     e = html.escape
-    rows = ["<h3>Links</h3><table><tr><th class='l'>parent</th><th class='l'>child</th><th class='l'>relation</th>"
+    rows = ["<h3>Links</h3><table><tr><th class='l'>link</th><th class='l'>relation</th>"
             "<th>direction</th><th>distance</th><th>p-value</th></tr>"]
     for ed in tree.edges:
         lp = pvals.get(frozenset((ed.parent, ed.child)), ed.log10_p)
         parents = " + ".join((ed.parent, *ed.other_parents))
+        link = f"{parents} → {ed.child}" if ed.directed else f"{ed.parent} — {ed.child}"
         direction = "from evidence" if ed.directed else "unknown"
-        rows.append(f"<tr><td class='l'>{e(parents)}</td><td class='l'>{e(ed.child)}</td><td class='l'>{e(ed.relation)}</td>"
+        rows.append(f"<tr><td class='l'>{e(link)}</td><td class='l'>{e(ed.relation)}</td>"
                     f"<td>{direction}</td><td>{ed.distance:.3g}</td>"
                     f"<td>{e(format_p(lp)) if lp is not None else '—'}</td></tr>")
     rows.append("</table>")
