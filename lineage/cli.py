@@ -421,12 +421,15 @@ def demo(out: str | None, as_json: bool, html_dir: str | None, explain: bool, no
     LoRA) and compare each with the base."""
     import json
 
-    from lineage.testing.demo import DEMO_PAIRS, build_demo
+    from lineage.testing.demo import DEMO_MODELS, DEMO_PAIRS, build_demo
     from lineage.verify import RunSpec, compare_recorded
 
     want = _want_colour(colour, sys.stdout)
     _note("building the demo models (cached after the first run)…")
     models = build_demo(out)
+    if models and not as_json:
+        where = Path(next(iter(models.values()))).parent
+        click.echo(f"demo models in {where}: " + ", ".join(f"{k} = {Path(v).name}" for k, v in models.items()))
     reports = []
     for x, y in DEMO_PAIRS:
         if x not in models or y not in models:
@@ -446,7 +449,8 @@ def demo(out: str | None, as_json: bool, html_dir: str | None, explain: bool, no
         if not as_json:
             from lineage.render_text import render_text
 
-            click.secho(f"\n=== {x} vs {y} ===", bold=True, color=want)
+            what = DEMO_MODELS[y][1] if y in DEMO_MODELS else y
+            click.secho(f"\n=== {x} vs {y}: {what} ===", bold=True, color=want)
             click.echo(render_text(report, colour=want, explain=False), nl=False, color=want)
     if as_json:
         from lineage.schemas import stamp

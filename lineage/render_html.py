@@ -9,7 +9,7 @@ from typing import Any
 from lineage.plots import mpl_line_chart, page
 from lineage.pvalue import format_p
 from lineage.report import Report
-from lineage.render_text import GRID_KINDS, aligned_rows, canonical_decided, meaningful_transforms
+from lineage.render_text import GRID_KINDS, aligned_rows, canonical_decided, meaningful_transforms, summary_text
 
 #: What no weight comparison can tell, said in every summary.
 LIMITS = ("what data a model was trained on, or how it behaves; only that its weights descend (or not) "
@@ -181,7 +181,7 @@ def render_html(report: Report) -> str:
     body = [f"<h1>lineage: {e(report.a.ref)} vs {e(report.b.ref)}</h1>",
             f'<h2 class="{cls}">{e(v.relation)} <small>({e(format_p(v.log10_p))})</small></h2>']
     body.extend(_summary_html(report))
-    body.append(f"<p>{e(v.summary.split('; undone:')[0].rstrip('.'))}.</p>")  # the transforms are in the summary
+    body.append(f"<p>{e(summary_text(v.summary).split('; undone:')[0].rstrip('.'))}.</p>")  # the transforms are in the summary
     if report.anatomy and report.anatomy.get("summary"):
         body.append(f"<p>Anatomy: {e(str(report.anatomy['summary']))}</p>")
     body.extend(_evidence_html(report))

@@ -98,6 +98,14 @@ def aligned_rows(report: Report) -> tuple[list[str], list[dict[str, Any]]]:
     return names, out
 
 
+def summary_text(summary: str) -> str:
+    """The verdict's summary without its own copy of the p-value (the verdict line already gives it,
+    written by :func:`lineage.pvalue.format_p`)."""
+    out = re.sub(r"\s*log10 p = -?[\d.]+(e[+-]?\d+)?\s*(?=under)", " ", summary)
+    out = re.sub(r"\s*\(p = [^)]*\)", "", out)
+    return re.sub(r"\s{2,}", " ", out).replace("found: under", "found under")
+
+
 def explain_text(report: Report) -> str:
     """The null hypothesis and method, as printed by ``--explain``."""
     v = report.verdict
@@ -128,7 +136,7 @@ def render_text(report: Report, *, colour: bool = False, tensors: bool = False, 
     colour_name = {True: "green", False: "cyan", None: "yellow"}[v.derived]
     out.append("")
     out.append(f"{s('Verdict:', 'bold')} {s(v.relation.upper(), 'bold', colour_name)}   {format_p(v.log10_p)}")
-    out.append(f"  {v.summary}")
+    out.append(f"  {summary_text(v.summary)}")
     if explain:
         out.append(s("  " + explain_text(report).rstrip("\n").replace("\n", "\n  "), "dim"))
     if report.canon:
