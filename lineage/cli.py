@@ -99,7 +99,9 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
              else logging.ERROR if quiet else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not verbose and not debug:
-        # distributed engines (dask, ray) log their cluster at INFO: keep them quiet unless asked
+        # distributed engines (dask, ray) log their cluster at INFO: keep them quiet unless asked.
+        # Dask applies its logging config when imported (later), so it is told through its config.
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
         for name in ("distributed", "dask", "ray", "tornado", "bokeh"):
             logging.getLogger(name).setLevel(logging.ERROR)
 

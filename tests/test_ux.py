@@ -168,12 +168,17 @@ def test_arguments_are_checked_before_heavy_imports() -> None:
     assert r.stdout.split() == ["2", "False"] and "give at least two models" in r.stderr
 
 
-def test_dask_and_ray_logs_are_quiet_unless_verbose() -> None:
+def test_dask_and_ray_logs_are_quiet_unless_verbose(monkeypatch: pytest.MonkeyPatch) -> None:
     import logging
+    import os
 
-    CliRunner().invoke(cli, ["schema", "--list"])
-    assert logging.getLogger("distributed").level == logging.ERROR
+    monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
     CliRunner().invoke(cli, ["-v", "schema", "--list"])
+    assert "DASK_LOGGING__DISTRIBUTED" not in os.environ
+    CliRunner().invoke(cli, ["schema", "--list"])
+    # dask reads its logging config from the environment when imported (by the engine, later)
+    assert os.environ["DASK_LOGGING__DISTRIBUTED"] == "error"
+    assert logging.getLogger("distributed").level == logging.ERROR
 
 
 def test_progress_shows_stages_and_leaves_no_bar() -> None:
