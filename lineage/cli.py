@@ -189,7 +189,12 @@ def verify(report: str, device: str | None, as_json: bool, output: str | None, n
     finally:
         if bar is not None:
             bar.close()
-    _emit(json.dumps(result.to_dict(), indent=2) + "\n" if as_json else render_verify(result), output)
+    if as_json:
+        from lineage.schemas import stamp
+
+        _emit(json.dumps(stamp("verify", result.to_dict()), indent=2) + "\n", output)
+    else:
+        _emit(render_verify(result), output)
     return 0 if result.same else 1
 
 

@@ -86,7 +86,7 @@ def test_report_records_hashes_and_verify_reruns_it(tiny_models: dict[str, Path]
     st.write_bytes(bytes(raw))
     code, out, _ = run(["verify", str(rep), "--json"], capsys)
     res = json.loads(out)
-    assert code == 1 and res["schema"] == "lineage.verify/1" and not res["same"]
+    assert code == 1 and res["schema"] == "lineage.verify/1" and res["version"] and not res["same"]
     assert any("model.safetensors: changed" in x for x in res["changed_files"]) and res["differences"]
     code, _, err = run(["verify", str(tmp_path / "nope.json")], capsys)
     assert code == 2 and "nope.json" in err and "Traceback" not in err
