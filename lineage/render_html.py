@@ -73,7 +73,8 @@ def _strength(report: Report) -> str:
         return (f"{format_p(lp)}: the chance of weights this similar between two independently initialised "
                 f"models. Anything below 0.001 is called derived.")
     if v.derived is False:
-        return f"{format_p(lp)}: no more similarity than between independently trained models."
+        return (f"{format_p(lp)}: no more similarity than between independently trained models (a large "
+                f"p-value is no proof of independence).")
     return f"{format_p(lp)}: between the thresholds; not enough evidence either way."
 
 
@@ -114,10 +115,12 @@ def _evidence_html(report: Report) -> list[str]:
         names, rows = aligned_rows(report)
         aligned = {n: [(r["layer"], r["r"].get(n)) for r in rows] for n in names}
         raw = {"raw element-wise (median)": [(r["layer"], r["raw"]) for r in rows]}
-        out.append("<p>The <b>canonical test decided</b>: the matrices were compared after undoing the "
-                   "permutations, rotations and rescalings listed above. Plotted: the aligned correlation "
-                   "per layer and role; the raw element-wise Pearson (what a naive comparison sees) for "
-                   "contrast.</p>")
+        moved = meaningful_transforms(report.canon.get("transforms", []) or []) if report.canon else []
+        how = ("after undoing the permutations, rotations and rescalings listed above" if moved
+               else "after aligning neurons, heads and the residual basis (nothing needed undoing)")
+        out.append(f"<p>The <b>canonical test decided</b>: the matrices were compared {how}. Plotted: the "
+                   "aligned correlation per layer and role, with the raw element-wise Pearson (what a naive "
+                   "comparison sees) for contrast.</p>")
         out.append(f'<figure class="plot">{mpl_line_chart({**aligned, **raw}, title="Aligned correlation by layer", ylabel="correlation r", hline=0.0)}'
                    "<figcaption>Aligned r per role (attn.ov: per-head value→output maps; mlp.down: matched "
                    "neurons) and the raw element-wise median.</figcaption></figure>")
