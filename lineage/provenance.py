@@ -6,9 +6,10 @@ comparison read (weights, config, tokenizer), the tool and library versions, the
 seeds, and the method text.  ``lineage verify REPORT.json`` re-hashes the files and re-runs the
 comparison (:mod:`lineage.verify`).
 
-Hashing is a separate sequential pass over each file, run right after the comparison (the
-files are then usually still in the page cache); its duration is recorded in
-``Provenance.hash_seconds`` so its cost is visible.  BLAKE3 is used (multi-threaded, memory
+Hashing is a sequential pass over each file on a background thread while the comparison runs
+(:func:`lineage.verify.compare_recorded`; both read the same files and the page cache shares the
+reads), not yet inside the comparison's own read pass; its duration is recorded in
+``Provenance.hash_seconds`` and the way it ran in ``Provenance.hash_pass``.  BLAKE3 is used (multi-threaded, memory
 mapped): no Hub hash has to be matched for a local file.  Remote files (Hub, URLs) are listed
 with ``algorithm = "remote"`` and no digest: their identity is the Hub's (repo id, commit and
 LFS SHA-256, recorded by :mod:`lineage.io.hub`).
@@ -33,6 +34,9 @@ ALGORITHM = "blake3"
 #: Files beside the weights that a comparison may read (config, tokenizer, adapter config).
 SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
               "merges.txt", "adapter_config.json", "special_tokens_map.json", "generation_config.json")
+HASH_PASS_CONCURRENT = ("sequential pass per file on a background thread, concurrent with the comparison "
+                        "(the page cache shares the reads)")
+HASH_PASS_AFTER = "separate sequential pass after the comparison"
 #: Fixed seeds of the randomised steps (probe frames, permutation nulls, randomised SVDs).
 SEEDS: Mapping[str, int] = {"canon.frame": 0, "canon.permutation_null": 0, "randomized_svd": 0,
                             "lowrank": 0, "merge.fit": 0}
@@ -64,7 +68,7 @@ class Provenance:
     environment: dict[str, str]
     created_utc: str
     hash_seconds: float
-    hash_pass: str = "separate sequential pass after the comparison"
+    hash_pass: str = "separate sequential pass"
     schema: str = SCHEMA
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -140,16 +144,22 @@ def _environment() -> dict[str, str]:
 
 
 def collect(command: str, inputs: Mapping[str, str], options: Mapping[str, Any], method: str,
-            extra: Mapping[str, Any] | None = None) -> Provenance:
-    """Hash the inputs and record versions, options, seeds and method text for one report."""
-    files, secs = hash_inputs(inputs)
+            extra: Mapping[str, Any] | None = None,
+            hashed: tuple[tuple[FileRecord, ...], float] | None = None) -> Provenance:
+    """Record hashes, versions, options, seeds and method text for one report.
+
+    ``hashed``: the result of :func:`hash_inputs` when it already ran (concurrently with the
+    comparison); otherwise the inputs are hashed now, after it.
+    """
+    files, secs = hashed if hashed is not None else hash_inputs(inputs)
+    how = HASH_PASS_CONCURRENT if hashed is not None else HASH_PASS_AFTER
     size = sum(f.size for f in files)
     log.info("provenance: hashed %d files (%d bytes) in %.2f s", len(files), size, secs)
     return Provenance(
         tool="lineage", version=tool_version(), command=command, inputs=dict(inputs), files=files,
         options=dict(options), seeds=dict(SEEDS), method=method, environment=_environment(),
         created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        hash_seconds=round(secs, 4), extra=dict(extra or {}),
+        hash_seconds=round(secs, 4), hash_pass=how, extra=dict(extra or {}),
     )
 
 

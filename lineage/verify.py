@@ -54,7 +54,24 @@ class RunSpec:
 
 def compare_recorded(spec: RunSpec, *, progress: ProgressFn | None = None, hash_files: bool = True) -> Report:
     """Run the comparison ``spec`` describes and attach its provenance."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from lineage import provenance
+    from lineage.compare import CompareOptions, compare
+
+    # the inputs are hashed on a background thread while the comparison runs (BLAKE3 releases the
+    # GIL; both read the same files, which the page cache shares): the hash costs little wall time
+    with ThreadPoolExecutor(1, thread_name_prefix="lineage-hash") as pool:
+        hashed = pool.submit(provenance.hash_inputs, spec.inputs()) if hash_files else None
+        report = _compare_all(spec, progress)
+        if hashed is not None:
+            prov = provenance.collect("compare", spec.inputs(), dataclasses.asdict(spec), report.verdict.null,
+                                      hashed=hashed.result())
+            report = dataclasses.replace(report, provenance=prov)
+    return report
+
+
+def _compare_all(spec: RunSpec, progress: ProgressFn | None) -> Report:
     from lineage.compare import CompareOptions, compare
 
     report = compare(spec.a, spec.b, options=CompareOptions(device=spec.device, canonicalise=spec.canonicalise),
@@ -68,9 +85,6 @@ def compare_recorded(spec: RunSpec, *, progress: ProgressFn | None = None, hash_
 
         base = spec.base if spec.base is not None else (None if spec.a in spec.parents else spec.a)
         report = apply_merge(report, merge_evidence(spec.b, list(spec.parents), base))
-    if hash_files:
-        prov = provenance.collect("compare", spec.inputs(), dataclasses.asdict(spec), report.verdict.null)
-        report = dataclasses.replace(report, provenance=prov)
     return report
 
 
