@@ -15,7 +15,6 @@ Output: :class:`Tree` with typed edges, ``to_dict()``, :func:`render_text` and
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
