@@ -303,6 +303,7 @@ def _size(n: int | None) -> str:
 
 def render_text(result: ScanResult, *, colour: bool = False) -> str:
     """Terminal summary: models (read fraction, errors), the links, and the tree."""
+    from lineage.pvalue import format_p
     from lineage.render_text import Style
     from lineage.tree import render_text as tree_text
 
@@ -322,7 +323,7 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
         lines.append(s("Links", "bold"))
         for p in result.pairs:
             arrow = f"{p.parent} → {p.b if p.parent == p.a else p.a}" if p.parent else f"{p.a} — {p.b}"
-            lines.append(f"  {arrow}  {p.relation}  log10 p {p.log10_p:.1f} ({p.method})")
+            lines.append(f"  {arrow}  {p.relation}  {format_p(p.log10_p)} ({p.method})")
         lines.append("")
     lines.append(s("Family tree", "bold"))
     lines.append(tree_text(result.tree).rstrip("\n"))

@@ -160,6 +160,15 @@ def test_color_is_forced_into_a_pipe(tiny_models: dict[str, Path]) -> None:
     assert "\x1b[" not in runner.invoke(cli, args + ["--no-color"], color=False).output
 
 
+def test_quiet_keeps_only_the_result(tiny_models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    args = ["compare", str(tiny_models["base"]), str(tiny_models["derived"]), "--no-canon", "--no-hash",
+            "--html", str(tmp_path / "r.html")]
+    _, out, err = run(args, capsys)
+    assert "HTML written" in err
+    _, out_q, err_q = run(["-q", *args], capsys)
+    assert err_q == "" and out_q == out and (tmp_path / "r.html").exists()
+
+
 def test_arguments_are_checked_before_heavy_imports() -> None:
     code = ("import sys\nfrom lineage.cli import main\n"
             "try:\n    main(['tree', 'only-one'])\nexcept SystemExit as e:\n"
