@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from typing import Any, Callable, TextIO
 
 #: ``progress(done, total, label)`` (keywords ``stage`` and ``unit`` optional).
@@ -35,18 +36,31 @@ def stage_of(label: str) -> tuple[str, str]:
 
 
 class TqdmProgress:
-    """A progress callback drawing one tqdm bar per stage on ``stream``."""
+    """A progress callback drawing one tqdm bar per stage on ``stream``.
 
-    def __init__(self, stream: TextIO | None = None, *, disable: bool = False) -> None:
+    Between stages (after one reached 100 %, before the library reports the next) a line
+    ``working… 3.2 s`` ticks on a timer thread, so a long step without its own progress never
+    looks stalled.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, disable: bool = False, idle_label: str = "working…") -> None:
         self.stream = stream or sys.stderr
         self.disable = disable
+        self.idle_label = idle_label
         self._bar: Any = None
         self._key: tuple[str, int] | None = None
+        self._lock = threading.RLock()
+        self._idle: threading.Event | None = None
 
     def __call__(self, done: int, total: int, label: str = "", *, stage: str | None = None,
                  unit: str | None = None, **_: Any) -> None:
         if self.disable:
             return
+        with self._lock:
+            self._stop_idle()
+            self._update(done, total, label, stage, unit)
+
+    def _update(self, done: int, total: int, label: str, stage: str | None, unit: str | None) -> None:
         guess_stage, guess_unit = stage_of(label)
         stage = stage or guess_stage
         key = (stage, int(total))
@@ -59,7 +73,30 @@ class TqdmProgress:
             bar.set_postfix_str(label[-40:], refresh=False)
         bar.refresh()
         if total > 0 and done >= total:
-            self.close()
+            self._close_bar()
+            self._start_idle()
+
+    def _start_idle(self) -> None:
+        from tqdm import tqdm
+
+        stop = threading.Event()
+        bar = tqdm(total=None, desc=self.idle_label, bar_format="{desc} {elapsed}", file=self.stream,
+                   dynamic_ncols=True, leave=False)
+        self._bar, self._idle = bar, stop
+
+        def tick() -> None:
+            while not stop.wait(0.5):
+                with self._lock:
+                    if not stop.is_set():
+                        bar.refresh()
+
+        threading.Thread(target=tick, name="lineage-progress", daemon=True).start()
+
+    def _stop_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.set()
+            self._idle = None
+            self._close_bar()
 
     def _new_bar(self, stage: str, total: int, unit: str) -> None:
         from tqdm import tqdm
@@ -71,7 +108,12 @@ class TqdmProgress:
                          smoothing=0.1)
 
     def close(self) -> None:
-        """Erase the current bar (if any)."""
+        """Erase the current bar (if any) and stop the idle ticker."""
+        with self._lock:
+            self._stop_idle()
+            self._close_bar()
+
+    def _close_bar(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -197,12 +197,15 @@ def test_progress_shows_stages_and_leaves_no_bar() -> None:
     bar = TqdmProgress(buf)
     for i in range(1, 5):
         bar(i * 1000, 4000, f"L{i}.attn.q.weight")
-    assert bar._bar is None  # closed at 100 %: nothing left standing
+    # closed at 100 %: nothing left standing; a ticking "working…" line until the next stage
+    assert bar._key is None and bar._idle is not None
     for i in range(1, 3):
         bar(i, 3, "layer", stage="aligning layers", unit="layer")
+    assert bar._idle is None and bar._key == ("aligning layers", 3)
     bar.close()
+    assert bar._bar is None and bar._idle is None
     text = buf.getvalue()
-    assert "streaming tensors" in text and "aligning layers" in text and "/s" in text
+    assert "streaming tensors" in text and "working…" in text and "aligning layers" in text and "/s" in text
 
 
 # ----------------------------------------------------------------------------- family trees
