@@ -21,12 +21,23 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: demo test zoo bench accuracy
+.PHONY: demo test zoo bench accuracy chromium
 demo: $(STAMP)
 	$(VENV)/bin/lineage demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/pytest
+
+# The HTML pages are tested in a real headless browser (tests/test_browser.py): Chromium from the
+# distribution's packages, installed here when missing (needs root and apt-get); without it those
+# tests are skipped, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get) for the browser tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "chromium could not be installed: the browser tests will be skipped"; \
+	  else echo "chromium is missing and cannot be installed here (needs root and apt-get): the browser tests will be skipped"; fi; }
 
 zoo: $(STAMP)
 	$(VENV)/bin/python fixtures/build_zoo.py --subset full

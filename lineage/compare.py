@@ -626,7 +626,10 @@ def _anatomy_summary(rel: dict[str, Any]) -> str:
     parent = rel.get("parent")
     who = {"a": "A is the parent", "b": "B is the parent"}.get(str(parent), "direction undecided")
     if r == "lora merge":
-        extra = f"rank {d.get('rank')} on {d.get('modules_description') or d.get('modules')}"
+        desc = str(d.get("modules_description") or "")
+        # the description reads "low-rank update, rank r on <modules>": keep it, without repeating the rank
+        extra = (desc.removeprefix("low-rank update, ") if desc.startswith("low-rank update, rank")
+                 else f"rank {d.get('rank')} on {desc or d.get('modules')}")
         if d.get("quant_format"):
             extra += f", then quantised ({d.get('quant_format')})"
     elif r == "quantised copy":

@@ -171,13 +171,15 @@ def compare_row_task(job: tuple[str, list[str]]) -> list[float]:
 
 def confirm_task(job: tuple[str, str]) -> dict[str, Any]:
     """Full weight comparison of a linked pair, reduced to what a tree link needs."""
-    from lineage.compare import compare
+    from lineage.compare import CompareOptions, compare
     from lineage.family import link_from_report
 
     a, b = job
-    rep = compare(a, b)
+    rep = compare(a, b, options=CompareOptions(device=os.environ.get("LINEAGE_DEVICE", "cpu")))
     lk = link_from_report("a", "b", rep)
-    return {"log10_p": rep.verdict.log10_p, "related": lk.related, "relation": rep.verdict.relation, "parent": lk.parent,
+    # neither side an ancestor of the other: siblings, not a derivation (lineage.tree.SIBLING)
+    relation = "sibling" if lk.between and lk.parent is None else rep.verdict.relation
+    return {"log10_p": rep.verdict.log10_p, "related": lk.related, "relation": relation, "parent": lk.parent,
             "confidence": lk.confidence, "distance": lk.distance}
 
 
@@ -302,6 +304,7 @@ def _size(n: int | None) -> str:
 
 def render_text(result: ScanResult, *, colour: bool = False) -> str:
     """Terminal summary: models (read fraction, errors), the links, and the tree."""
+    from lineage.pvalue import format_p
     from lineage.render_text import Style
     from lineage.tree import render_text as tree_text
 
@@ -310,8 +313,9 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
     bad = [m for m in result.models if not m.ok]
     total = sum(m.total_bytes or 0 for m in ok)
     read = sum(m.bytes_read or 0 for m in ok if not m.cached)
+    cached = sum(bool(m.cached) for m in ok)
     lines = [s(f"Scanned {len(result.models)} models", "bold")
-             + f" ({len(ok)} fingerprinted, {sum(m.cached for m in ok)} from cache, {len(bad)} failed) "
+             + f" ({len(ok) - cached} fingerprinted now + {cached} from cache + {len(bad)} failed) "
              f"on the {result.engine} engine in {result.timing.get('total_s', 0):.1f} s; "
              f"read {_size(read)} of {_size(total)}.",
              f"{result.n_compared} pairs compared; link threshold p ≤ {result.alpha:.2g} per pair "
@@ -320,7 +324,7 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
         lines.append(s("Links", "bold"))
         for p in result.pairs:
             arrow = f"{p.parent} → {p.b if p.parent == p.a else p.a}" if p.parent else f"{p.a} — {p.b}"
-            lines.append(f"  {arrow}  {p.relation}  log10 p {p.log10_p:.1f} ({p.method})")
+            lines.append(f"  {arrow}  {p.relation}  {format_p(p.log10_p)} ({p.method})")
         lines.append("")
     lines.append(s("Family tree", "bold"))
     lines.append(tree_text(result.tree).rstrip("\n"))
