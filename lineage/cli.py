@@ -28,6 +28,32 @@ def _want_colour(flag: bool | None, stream: Any) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
 
+def _check_output(path: str | None) -> None:
+    """Fail before any work when an output file cannot be written (exit 2, one line naming it)."""
+    if path is None:
+        return
+    from lineage.errors import ConfigError
+
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write here: folder {str(folder)!r} does not exist", path=path)
+    if p.is_dir():
+        raise ConfigError("cannot write here: it is a folder", path=path)
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError("cannot write here: permission denied", path=path)
+
+
+def _write_output(path: str, text: str) -> None:
+    """Write an output file; a failure is a typed error naming it."""
+    from lineage.errors import ConfigError
+
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write: {e.strerror or e}", path=path) from None
+
+
 def _progress(no_progress: bool):
     from lineage.progress import ProgressBar
 
@@ -72,6 +98,7 @@ def compare(
     relative to --base, or to A when A is not among the parents) and called a merge
     when the fit explains it.
     """
+    _check_output(html_path)
     from lineage.compare import CompareOptions
     from lineage.compare import compare as run_compare
 
@@ -101,7 +128,7 @@ def compare(
     if html_path:
         from lineage.render_html import render_html
 
-        Path(html_path).write_text(render_html(report), encoding="utf-8")
+        _write_output(html_path, render_html(report))
         if not as_json:
             click.echo(f"HTML report written to {html_path}", err=True)
     if expect is not None:
@@ -149,6 +176,7 @@ def fingerprint(model: str, output: str, as_json: bool, no_progress: bool) -> in
 
     if not output.endswith(SUFFIX):
         raise click.UsageError(f"the fingerprint file name must end in {SUFFIX}")
+    _check_output(output)
     bar = _progress(no_progress)
     try:
         info = write_fingerprint(model, output, progress=bar)
@@ -204,6 +232,7 @@ def tree(models: tuple[str, ...], as_json: bool, html_path: str | None, no_progr
 
     if len(models) < 2:
         raise click.UsageError("give at least two models")
+    _check_output(html_path)
     bar = _progress(no_progress)
     try:
         result = family_tree(list(models), progress=bar)
@@ -215,7 +244,7 @@ def tree(models: tuple[str, ...], as_json: bool, html_path: str | None, no_progr
     else:
         click.echo(tree_text(result.tree), nl=False)
     if html_path:
-        Path(html_path).write_text(tree_html(result.tree), encoding="utf-8")
+        _write_output(html_path, tree_html(result.tree))
     return 0
 
 
@@ -245,6 +274,7 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
     from lineage.scan import scan as run_scan
     from lineage.tree import render_html as tree_html
 
+    _check_output(html_path)
     opts = ScanOptions(engine=engine, workers=workers, address=address, cache_dir=cache_dir, alpha=alpha,
                        confirm=confirm, refresh=refresh)
     bar = _progress(no_progress)
@@ -260,7 +290,7 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
 
         click.echo(scan_text(result, colour=_want_colour(None, sys.stdout)), nl=False)
     if html_path:
-        Path(html_path).write_text(tree_html(result.tree, title="lineage scan"), encoding="utf-8")
+        _write_output(html_path, tree_html(result.tree, title="lineage scan"))
     return 0
 
 
@@ -304,14 +334,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        sys.exit(2)  # exit 1 is reserved for --expect
     except LineageError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"lineage: error: {e}", err=True)
+        click.echo(f"lineage: error: {e}".replace("\n", " "), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:  # last resort: a bug, not bad input; still one line and exit 2
+        if debug:
+            traceback.print_exc()
+        what = " ".join(str(e).split())[:300]
+        click.echo(f"lineage: internal error ({type(e).__name__}: {what}) while running "
+                   f"'lineage {' '.join(args)[:300]}'; rerun with --debug for the traceback", err=True)
+        sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -296,6 +296,11 @@ _ROPE_FAMILIES = _RMS_FAMILIES | {"gpt_neox", "falcon", "phi"}
 _GGUF_PERMUTED = {"llama"}
 
 
+#: Layer numbers may run this far past the number of tensors (a lone shard of a deep model);
+#: a larger number cannot be a real layer and would make per-layer work cost what it says.
+LAYER_SLACK = 1024
+
+
 def _strip_prefixes(name: str) -> str:
     changed = True
     while changed:
@@ -325,6 +330,8 @@ def _parse_name(name: str, shape: Shape) -> _Entry | None:
     if m:
         mod = m.group(3)[:-1]
         if mod not in _LAYER:
+            return None
+        if len(m.group(2)) > 12:  # keeps int() cheap; larger numbers are refused below anyway
             return None
         return _Entry(name, shape, int(m.group(2)), mod, _PARAMS[param])
     if module in _GLOBALS:
@@ -549,8 +556,13 @@ def assign_roles(
 
     entries: list[_Entry] = []
     unassigned: list[str] = []
+    max_layer = len(shapes) + LAYER_SLACK  # layer numbers are bounded by what the file holds
     for name, shape in shapes.items():
         e = _parse_name(name, shape)
+        if e is not None and e.layer is not None and e.layer >= max_layer:
+            notes.append(f"{name[:120]}: layer number {e.layer} is beyond what {len(shapes)} tensors "
+                         "can hold; left unassigned")
+            e = None
         (entries.append(e) if e is not None else unassigned.append(name))
 
     family = cfg.family or _guess_family(entries)
@@ -679,8 +691,8 @@ def _build_arch(
     if cfg.n_layers is not None and cfg.n_layers != n_layers:
         notes.append(f"config says {cfg.n_layers} layers, the weights have {n_layers}; using the weights")
     if layers and len(layers) != n_layers:
-        missing = sorted(set(range(n_layers)) - layers)  # type: ignore[arg-type]
-        notes.append(f"layers without any role: {missing}")
+        missing = [i for i in range(n_layers) if i not in layers]
+        notes.append(f"layers without any role: {missing[:32]}{' …' if len(missing) > 32 else ''}")
 
     def shape0(role: Role) -> int | None:
         v = roles.get(role)
