@@ -2,7 +2,7 @@
 
 Generates ``--cases`` seeded hostile cases (see lineage/testing/fuzz.py: safetensors, GGUF,
 PEFT folders, shards + index, .bin/.pt, JSON side files), runs each in a forked child with a
-time limit and an address-space limit (lineage/testing/fuzzrun.py), and writes counts per
+time limit and an address-space limit (benchmarks/fuzzrun.py), and writes counts per
 family (cases, typed errors, verdicts, wrong verdicts, crashes, hangs, blow-ups) to
 benchmarks/results/fuzz.json, with every failing case and how to replay it.
 
@@ -37,7 +37,7 @@ def run_workers(seed: int, cases: int, workers: int, timeout: float, allowance_m
         if count <= 0:
             continue
         out = open(workdir / f"worker{w}.jsonl", "w")
-        cmd = [sys.executable, "-m", "lineage.testing.fuzzrun", "--seed", str(seed), "--start", str(start),
+        cmd = [sys.executable, str(Path(__file__).with_name("fuzzrun.py")), "--seed", str(seed), "--start", str(start),
                "--count", str(count), "--workdir", str(workdir / f"w{w}"), "--timeout", str(timeout),
                "--allowance-mb", str(allowance_mb)]
         procs.append((subprocess.Popen(cmd, stdout=out, env=env), out))
@@ -86,7 +86,7 @@ def main() -> None:
     result = {"schema": "lineage.fuzz/1", "seed": a.seed, "cases_requested": a.cases,
               "workers": a.workers, "timeout_s": a.timeout, "allowance_mb": a.allowance_mb,
               "wall_s": round(time.time() - t0, 1),
-              "replay": "python -m lineage.testing.fuzzrun --seed SEED --start INDEX --count 1 --keep --workdir DIR",
+              "replay": "python benchmarks/fuzzrun.py --seed SEED --start INDEX --count 1 --keep --workdir DIR",
               **summary}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -6,7 +6,7 @@ in a forked child under a time limit and an address-space limit (1 GiB beyond th
 worker).  Every case must end in a typed error (exit 2, one line naming the file, no
 traceback) or a verdict consistent with what was planted.  The seed is printed; set
 LINEAGE_FUZZ_SEED to change it and LINEAGE_FUZZ_CASES to run more.  Replay one case with
-``python -m lineage.testing.fuzzrun --seed S --start I --count 1 --keep --workdir DIR``.
+``python benchmarks/fuzzrun.py --seed S --start I --count 1 --keep --workdir DIR``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One worker process imports lineage once, warms it up, then forks one child per c
 per case: the child sets ``RLIMIT_AS`` (the warmed parent's address space plus the
 allowance) and runs the CLI's ``main``; the parent kills it past the time limit.  A
 crash, hang or blow-up is thus attributed to exactly one case, which can be replayed
-with ``python -m lineage.testing.fuzzrun --seed S --start I --count 1 --keep``.
+with ``python benchmarks/fuzzrun.py --seed S --start I --count 1 --keep --workdir DIR``.
 
 Outcomes: ``typed`` (exit 2, one ``lineage: error:`` line naming a file, no traceback),
 ``verdict`` (exit 0, output consistent with the planted truth), ``wrong`` (exit 0 but
