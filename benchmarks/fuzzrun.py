@@ -67,43 +67,51 @@ def _address_space() -> int:
     return 0
 
 
-def _child(argv: list[str], out: Path, err: Path, limit: int) -> None:
-    """In the forked child: limits, redirected output, the CLI; never returns."""
-    code = 99
-    try:
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        fo, fe = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(fo, 1)
-        os.dup2(fe, 2)
-        from lineage.cli import main
+def _child(runs: list[tuple[list[str], Path]], limit: int) -> None:
+    """In the forked child: the limit, then each CLI run with its own output files; never returns.
 
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # noqa: BLE001 - recorded as a crash by the parent
-        import traceback
+    Run ``k`` writes ``k.out``/``k.err`` and, once finished, its exit code to ``k.rc``, so
+    a run that hangs or dies is known to be the first one without an ``.rc`` file.
+    """
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    from lineage.cli import main
 
-        traceback.print_exc()
-        code = 98
-    finally:
+    for argv, stem in runs:
+        code = 99
         try:
+            fo = os.open(f"{stem}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            fe = os.open(f"{stem}.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fo, 1)
+            os.dup2(fe, 2)
+            try:
+                main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - recorded as a crash by the parent
+            import traceback
+
+            traceback.print_exc()
+            code = 98
+        finally:
             sys.stdout.flush()
             sys.stderr.flush()
-        finally:
-            os._exit(code)
+        Path(f"{stem}.rc").write_text(str(code))
+    os._exit(0)
 
 
-def _run(argv: list[str], tmp: Path, timeout: float, allowance: int) -> tuple[int, str, str, float, float, bool]:
-    out, err = tmp / "stdout", tmp / "stderr"
+def _run(runs: list[tuple[list[str], Path]], timeout: float, allowance: int) -> tuple[int, bool, float, float]:
+    """Fork one limited child for ``runs``; (wait status as exit code, timed out, seconds, peak RSS MB)."""
     limit = _address_space() + allowance
     sys.stdout.flush()
     sys.stderr.flush()
     t0 = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        _child(argv, out, err, limit)
+        try:
+            _child(runs, limit)
+        finally:
+            os._exit(97)
     timed_out = False
     while True:
         wpid, status, ru = os.wait4(pid, os.WNOHANG)
@@ -115,10 +123,7 @@ def _run(argv: list[str], tmp: Path, timeout: float, allowance: int) -> tuple[in
             timed_out = True
             break
         time.sleep(0.005)
-    secs = time.monotonic() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    text = lambda p: p.read_text(errors="replace") if p.exists() else ""  # noqa: E731
-    return rc, text(out), text(err), secs, ru.ru_maxrss / 1024, timed_out
+    return os.waitstatus_to_exitcode(status), timed_out, time.monotonic() - t0, ru.ru_maxrss / 1024
 
 
 def classify(case: Case, command: str, rc: int, stdout: str, stderr: str, timed_out: bool,
@@ -159,15 +164,31 @@ def _last_line(text: str) -> str:
 
 
 def run_case(case: Case, seeds: Seeds, timeout: float, allowance: int) -> CaseResult:
-    """Both commands for one case (each in its own forked, limited child)."""
+    """Both commands for one case, in one forked, limited child (``timeout`` per command)."""
     names = (str(Path(case.ref).parent if Path(case.ref).is_file() else case.ref), str(seeds.root))
+    commands = (("compare", ["compare", case.base, case.ref, "--json", "--no-progress"]),
+                ("inspect", ["inspect", case.ref, "--json"]))
     results = {}
     with tempfile.TemporaryDirectory() as t:
-        for command, argv in (("compare", ["compare", case.base, case.ref, "--json", "--no-progress"]),
-                              ("inspect", ["inspect", case.ref, "--json"])):
-            rc, out, err, secs, rss, hung = _run(argv, Path(t), timeout, allowance)
-            outcome, detail = classify(case, command, rc, out, err, hung, names)
-            results[command] = CommandResult(command, outcome, rc, round(secs, 3), round(rss, 1), detail)
+        runs = [(argv, Path(t) / name) for name, argv in commands]
+        status, hung, secs, rss = _run(runs, timeout * len(runs), allowance)
+        culprit_seen = False
+        for name, argv in commands:
+            stem = Path(t) / name
+            read = lambda ext: (Path(f"{stem}.{ext}").read_text(errors="replace")  # noqa: E731
+                                if Path(f"{stem}.{ext}").exists() else "")
+            rc_text = read("rc")
+            if rc_text:
+                outcome, detail = classify(case, name, int(rc_text), read("out"), read("err"), False, names)
+                rc = int(rc_text)
+            elif not culprit_seen:
+                culprit_seen = True
+                rc = status
+                outcome, detail = classify(case, name, status if status else -1, read("out"), read("err"),
+                                           hung, names)
+            else:
+                rc, outcome, detail = status, "typed", "not run (an earlier command failed)"
+            results[name] = CommandResult(name, outcome, rc, round(secs, 3), round(rss, 1), detail)
     rank = {o: i for i, o in enumerate(("typed", "verdict", "wrong", "crash", "blowup", "hang"))}
     worst = max(results.values(), key=lambda r: rank[r.outcome]).outcome
     outcome = worst if worst in BAD else results["compare"].outcome
