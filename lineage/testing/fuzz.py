@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from lineage.testing.fuzzbytes import deep, flip, gguf_find, hostile_json, huge_int, patch, st_join, st_split
 from lineage.testing.models import TinyConfig, init_weights, save_model
 
 FAMILIES = ("safetensors", "gguf", "peft", "shards", "torchbin", "json")
@@ -104,51 +105,6 @@ def build_seeds(root: str | Path) -> Seeds:
     return Seeds(root, base, root / "model.gguf", ad, sh, tb, root / "legacy.pt")
 
 
-# ---------------------------------------------------------------------------- byte helpers
-
-
-def _flip(data: bytes, rng: random.Random, n: int, lo: int = 0, hi: int | None = None) -> bytes:
-    b = bytearray(data)
-    hi = len(b) if hi is None else hi
-    for _ in range(n):
-        i = rng.randrange(lo, max(lo + 1, hi))
-        b[i] ^= 1 << rng.randrange(8)
-    return bytes(b)
-
-
-def _st_split(data: bytes) -> tuple[dict, bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8:8 + n]), data[8 + n:]
-
-
-def _st_join(header: dict | bytes, payload: bytes, delta: int = 0) -> bytes:
-    h = header if isinstance(header, bytes) else json.dumps(header).encode()
-    return struct.pack("<Q", max(0, len(h) + delta)) + h + payload
-
-
-def _huge_int(rng: random.Random) -> str:
-    return "9" * rng.choice([25, 400, 5000])
-
-
-def _deep(rng: random.Random) -> str:
-    n = rng.choice([100, 2000, 100000])
-    return "[" * n + "]" * n
-
-
-def _hostile_json(rng: random.Random, text: str) -> str:
-    """A JSON text with a huge integer or deep nesting spliced in (or garbage)."""
-    k = rng.randrange(5)
-    if k == 0:
-        return text.replace("{", '{"x": ' + _huge_int(rng) + ", ", 1)
-    if k == 1:
-        return text.replace("{", '{"x": ' + _deep(rng) + ", ", 1)
-    if k == 2:
-        return _deep(rng)
-    if k == 3:
-        return text[: rng.randrange(len(text))]
-    return _flip(text.encode(), rng, 3).decode("latin-1")
-
-
 # ---------------------------------------------------------------------------- families
 
 
@@ -156,28 +112,28 @@ def _safetensors(rng: random.Random, s: Seeds, d: Path) -> tuple[str, str, str]:
     shutil.copytree(s.base, d, dirs_exist_ok=True)
     p = d / "model.safetensors"
     data = p.read_bytes()
-    header, payload = _st_split(data)
+    header, payload = st_split(data)
     meta = header.pop("__metadata__", {})
     names = sorted(header)
     name = rng.choice(names)
     kinds: dict[str, Callable[[], tuple[bytes, str]]] = {
-        "reformat": lambda: (_st_join(json.dumps({**header, "__metadata__": meta}, indent=1, sort_keys=True).encode(), payload), "derived"),
-        "len_short": lambda: (_st_join(json.dumps({**header, "__metadata__": meta}).encode() + b"  ", payload, -rng.choice([1, 2, 8])), "any"),
-        "len_long": lambda: (_st_join(json.dumps(header).encode(), payload, rng.choice([1, 8, 10**6, 2**60])), "any"),
+        "reformat": lambda: (st_join(json.dumps({**header, "__metadata__": meta}, indent=1, sort_keys=True).encode(), payload), "derived"),
+        "len_short": lambda: (st_join(json.dumps({**header, "__metadata__": meta}).encode() + b"  ", payload, -rng.choice([1, 2, 8])), "any"),
+        "len_long": lambda: (st_join(json.dumps(header).encode(), payload, rng.choice([1, 8, 10**6, 2**60])), "any"),
         "truncate": lambda: (data[: rng.randrange(len(data))], "any"),
-        "flip_header": lambda: (_flip(data, rng, rng.randint(1, 4), 0, 8 + len(data) - len(payload)), "any"),
-        "flip_payload": lambda: (_flip(data, rng, rng.randint(1, 3), len(data) - len(payload)), "derived_or_finding"),
-        "huge_int": lambda: (_st_join(json.dumps(header).replace("[0,", "[" + _huge_int(rng) + ",", 1).replace("[0, ", "[" + _huge_int(rng) + ", ", 1).encode(), payload), "any"),
-        "deep": lambda: (_st_join(json.dumps({**header, "__metadata__": meta}).replace("{", '{"d": ' + _deep(rng) + ", ", 1).encode(), payload), "any"),
-        "dtype": lambda: (_st_join({**header, name: {**header[name], "dtype": rng.choice(["F16", "BF16", "I32", "I64", "F64", "Q7", 7, None, "U8", "F8_E4M3"])}}, payload), "any"),
-        "shape": lambda: (_st_join({**header, name: {**header[name], "shape": rng.choice([[], [0], [-1, 4], [10**12, 10**12, 0], list(reversed(header[name]["shape"])), [1.5], [[2]], "x", [1] * 100, [0, 10**15]])}}, payload), "any"),
-        "offsets": lambda: (_st_join({**header, name: {**header[name], "data_offsets": rng.choice([[0, 0], [4, 0], [-4, 4], [1, 1 + header[name]["data_offsets"][1] - header[name]["data_offsets"][0]], [0], "x", [0, 2**70], [header[name]["data_offsets"][0] + 4, header[name]["data_offsets"][1] + 4]])}}, payload), "any"),
-        "duplicate": lambda: (_st_join(json.dumps(header)[:-1].encode() + b', "' + name.encode() + b'": ' + json.dumps(header[name]).encode() + b"}", payload), "any"),
-        "layer_rename": lambda: (_st_join({(k.replace("layers.1.", f"layers.{rng.choice([10**9, 10**6, 99999999999, 10**40])}.") if k == _Q else k): v for k, v in header.items()}, payload), "any"),
+        "flip_header": lambda: (flip(data, rng, rng.randint(1, 4), 0, 8 + len(data) - len(payload)), "any"),
+        "flip_payload": lambda: (flip(data, rng, rng.randint(1, 3), len(data) - len(payload)), "derived_or_finding"),
+        "huge_int": lambda: (st_join(json.dumps(header).replace("[0,", "[" + huge_int(rng) + ",", 1).replace("[0, ", "[" + huge_int(rng) + ", ", 1).encode(), payload), "any"),
+        "deep": lambda: (st_join(json.dumps({**header, "__metadata__": meta}).replace("{", '{"d": ' + deep(rng) + ", ", 1).encode(), payload), "any"),
+        "dtype": lambda: (st_join({**header, name: {**header[name], "dtype": rng.choice(["F16", "BF16", "I32", "I64", "F64", "Q7", 7, None, "U8", "F8_E4M3"])}}, payload), "any"),
+        "shape": lambda: (st_join({**header, name: {**header[name], "shape": rng.choice([[], [0], [-1, 4], [10**12, 10**12, 0], list(reversed(header[name]["shape"])), [1.5], [[2]], "x", [1] * 100, [0, 10**15]])}}, payload), "any"),
+        "offsets": lambda: (st_join({**header, name: {**header[name], "data_offsets": rng.choice([[0, 0], [4, 0], [-4, 4], [1, 1 + header[name]["data_offsets"][1] - header[name]["data_offsets"][0]], [0], "x", [0, 2**70], [header[name]["data_offsets"][0] + 4, header[name]["data_offsets"][1] + 4]])}}, payload), "any"),
+        "duplicate": lambda: (st_join(json.dumps(header)[:-1].encode() + b', "' + name.encode() + b'": ' + json.dumps(header[name]).encode() + b"}", payload), "any"),
+        "layer_rename": lambda: (st_join({(k.replace("layers.1.", f"layers.{rng.choice([10**9, 10**6, 99999999999, 10**40])}.") if k == _Q else k): v for k, v in header.items()}, payload), "any"),
         "nonfinite": lambda: (_nonfinite(data, header, payload, rng), "finding"),
-        "metadata": lambda: (_st_join({**header, "__metadata__": rng.choice([{"a": 1}, [1], "x", {"a": {"b": "c"}}])}, payload), "any"),
+        "metadata": lambda: (st_join({**header, "__metadata__": rng.choice([{"a": 1}, [1], "x", {"a": {"b": "c"}}])}, payload), "any"),
         "random": lambda: (bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096))), "any"),
-        "zero_tensors": lambda: (_st_join({f"z{i}": {"dtype": "F32", "shape": [0, 10**6], "data_offsets": [0, 0]} for i in range(50)} | {"__metadata__": {}}, b""), "any"),
+        "zero_tensors": lambda: (st_join({f"z{i}": {"dtype": "F32", "shape": [0, 10**6], "data_offsets": [0, 0]} for i in range(50)} | {"__metadata__": {}}, b""), "any"),
     }
     kind = rng.choice(sorted(kinds))
     out, expect = kinds[kind]()
@@ -193,43 +149,30 @@ def _nonfinite(data: bytes, header: dict, payload: bytes, rng: random.Random) ->
     return data[:pos] + struct.pack("<f", val) + data[pos + 4:]
 
 
-def _gguf_find(data: bytes, key: str) -> int:
-    """Offset just after the GGUF string ``key`` (its 8-byte length precedes it)."""
-    kb = key.encode()
-    i = data.find(struct.pack("<Q", len(kb)) + kb)
-    return i + 8 + len(kb) if i >= 0 else -1
-
-
-def _patch(data: bytes, at: int, fmt: str, value: int) -> bytes:
-    if at < 0:
-        return data
-    return data[:at] + struct.pack(fmt, value) + data[at + struct.calcsize(fmt):]
-
-
 def _gguf(rng: random.Random, s: Seeds, d: Path) -> tuple[str, str, str]:
     d.mkdir(parents=True, exist_ok=True)
     data = s.gguf.read_bytes()
     n_t = struct.unpack("<Q", data[8:16])[0]
     n_kv = struct.unpack("<Q", data[16:24])[0]
     tname = rng.choice(["blk.0.attn_q.weight", "blk.1.ffn_up.weight", "token_embd.weight", "output_norm.weight"])
-    after = _gguf_find(data, tname)
-    toks = _gguf_find(data, "tokenizer.ggml.tokens")
-    arch = _gguf_find(data, "general.architecture")
+    after = gguf_find(data, tname)
+    toks = gguf_find(data, "tokenizer.ggml.tokens")
+    arch = gguf_find(data, "general.architecture")
     kinds: dict[str, Callable[[], tuple[bytes, str]]] = {
         "copy": lambda: (data, "derived"),
-        "count_low": lambda: (_patch(data, 8, "<Q", n_t - rng.randint(1, 2)), "any"),
-        "count_high": lambda: (_patch(data, 8, "<Q", n_t + rng.choice([1, 2, 10**6, 2**63])), "any"),
-        "kv_count": lambda: (_patch(data, 16, "<Q", max(0, n_kv + rng.choice([-1, 1, 2**40]))), "any"),
-        "string_len": lambda: (_patch(data, arch - len("general.architecture") - 8, "<Q", rng.choice([2**62, 10**6, 3])), "any"),
-        "array_len": lambda: (_patch(data, toks + 8, "<Q", rng.choice([0, 10**12, 2**28, 65])), "any"),
-        "tensor_type": lambda: (_patch(data, after + 4 + 8 * (1 if "norm" in tname else 2), "<I", rng.choice([1, 2, 8, 30, 99, 2**31])), "any"),
-        "tensor_dim": lambda: (_patch(data, after + 4, "<Q", rng.choice([0, 1, 33, 2**40, 2**63])), "any"),
-        "tensor_offset": lambda: (_patch(data, after + 4 + 8 * (1 if "norm" in tname else 2) + 4, "<Q", rng.choice([32, 64, 2**40, 7])), "any"),
-        "n_dims": lambda: (_patch(data, after, "<I", rng.choice([0, 3, 5, 2**31])), "any"),
-        "version": lambda: (_patch(data, 4, "<I", rng.choice([1, 4, 2**31])), "any"),
+        "count_low": lambda: (patch(data, 8, "<Q", n_t - rng.randint(1, 2)), "any"),
+        "count_high": lambda: (patch(data, 8, "<Q", n_t + rng.choice([1, 2, 10**6, 2**63])), "any"),
+        "kv_count": lambda: (patch(data, 16, "<Q", max(0, n_kv + rng.choice([-1, 1, 2**40]))), "any"),
+        "string_len": lambda: (patch(data, arch - len("general.architecture") - 8, "<Q", rng.choice([2**62, 10**6, 3])), "any"),
+        "array_len": lambda: (patch(data, toks + 8, "<Q", rng.choice([0, 10**12, 2**28, 65])), "any"),
+        "tensor_type": lambda: (patch(data, after + 4 + 8 * (1 if "norm" in tname else 2), "<I", rng.choice([1, 2, 8, 30, 99, 2**31])), "any"),
+        "tensor_dim": lambda: (patch(data, after + 4, "<Q", rng.choice([0, 1, 33, 2**40, 2**63])), "any"),
+        "tensor_offset": lambda: (patch(data, after + 4 + 8 * (1 if "norm" in tname else 2) + 4, "<Q", rng.choice([32, 64, 2**40, 7])), "any"),
+        "n_dims": lambda: (patch(data, after, "<I", rng.choice([0, 3, 5, 2**31])), "any"),
+        "version": lambda: (patch(data, 4, "<I", rng.choice([1, 4, 2**31])), "any"),
         "truncate": lambda: (data[: rng.randrange(len(data))], "any"),
-        "flip_header": lambda: (_flip(data, rng, rng.randint(1, 4), 0, 4096), "any"),
-        "flip_data": lambda: (_flip(data, rng, rng.randint(1, 3), len(data) - 40000), "derived_or_finding"),
+        "flip_header": lambda: (flip(data, rng, rng.randint(1, 4), 0, 4096), "any"),
+        "flip_data": lambda: (flip(data, rng, rng.randint(1, 3), len(data) - 40000), "derived_or_finding"),
         "layer_rename": lambda: (_gguf_rename(data, rng), "any"),
         "random": lambda: (b"GGUF" + bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4096))), "any"),
     }
@@ -281,7 +224,7 @@ def _peft(rng: random.Random, s: Seeds, d: Path) -> tuple[str, str, str]:
         kind = f"config_{key}"
         cfg_p.write_text(json.dumps(cfg))
     elif kind == "config_json":
-        cfg_p.write_text(_hostile_json(rng, json.dumps(cfg)))
+        cfg_p.write_text(hostile_json(rng, json.dumps(cfg)))
     elif kind == "self_base":
         cfg["base_model_name_or_path"] = rng.choice([str(d), "."])
         cfg_p.write_text(json.dumps(cfg))
@@ -338,11 +281,11 @@ def _shards(rng: random.Random, s: Seeds, d: Path) -> tuple[str, str, str]:
     elif kind in ("shard_flip", "shard_truncate"):
         p = d / rng.choice(sorted(set(wm.values())))
         data = p.read_bytes()
-        p.write_bytes(_flip(data, rng, 2) if kind == "shard_flip" else data[: rng.randrange(len(data))])
+        p.write_bytes(flip(data, rng, 2) if kind == "shard_flip" else data[: rng.randrange(len(data))])
     elif kind == "copy":
         expect = "derived"
     if kind == "index_json":
-        ip.write_text(_hostile_json(rng, json.dumps(idx)))
+        ip.write_text(hostile_json(rng, json.dumps(idx)))
     else:
         ip.write_text(json.dumps(idx))
     return kind, str(d), expect
@@ -362,12 +305,12 @@ def _torchbin(rng: random.Random, s: Seeds, d: Path) -> tuple[str, str, str]:
     if kind == "truncate":
         p.write_bytes(data[: rng.randrange(len(data))])
     elif kind == "flip":
-        p.write_bytes(_flip(data, rng, rng.randint(1, 6)))
+        p.write_bytes(flip(data, rng, rng.randint(1, 6)))
     elif kind.startswith("legacy"):
         q = d / "legacy.pt"
         ld = s.legacy_pt.read_bytes()
         ld = ld[: rng.randrange(len(ld))] if kind == "legacy_truncate" else \
-            _flip(ld, rng, rng.randint(1, 4)) if kind == "legacy_flip" else ld
+            flip(ld, rng, rng.randint(1, 4)) if kind == "legacy_flip" else ld
         q.write_bytes(ld)
         ref, expect = str(q), ("derived" if kind == "legacy_copy" else "any")
     elif kind == "evil_pickle":
@@ -388,7 +331,7 @@ def _torchbin(rng: random.Random, s: Seeds, d: Path) -> tuple[str, str, str]:
         with zipfile.ZipFile(p) as z:
             items = {n: z.read(n) for n in z.namelist()}
         pk = next(n for n in items if n.endswith("data.pkl"))
-        items[pk] = _flip(items[pk], rng, rng.randint(1, 3))
+        items[pk] = flip(items[pk], rng, rng.randint(1, 3))
         with zipfile.ZipFile(p, "w") as z:
             for n, b in items.items():
                 z.writestr(n, b)
@@ -411,7 +354,7 @@ def _json_side(rng: random.Random, s: Seeds, d: Path) -> tuple[str, str, str]:
         text = p.read_text()
     k = rng.randrange(4)
     if k == 0:
-        out = _hostile_json(rng, text)
+        out = hostile_json(rng, text)
     elif k == 1 and which == "config.json":
         cfg = json.loads(text)
         key = rng.choice(["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
