@@ -9,7 +9,9 @@ Sharded checkpoints use ``pytorch_model.bin.index.json``.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
 import pickle
 import threading
 import zipfile
@@ -75,11 +77,41 @@ class TorchReader:
         return out
 
 
+#: How torch's legacy (pre-zip) format starts: protocol-2 pickle of its magic number.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+class _BoundedFile(io.FileIO):
+    """A file whose ``read(n)`` never asks for more than what is left, so a hostile
+    length field in a pickle cannot make the unpickler allocate beyond the file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self.tell())
+        return super().read(left if n is None or n < 0 else min(n, left))
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` with ``weights_only=True`` (mmap when the file is a zip), validated."""
     mmap = zipfile.is_zipfile(path)
+    if not mmap:
+        with open(path, "rb") as f:
+            if f.read(len(LEGACY_MAGIC)) != LEGACY_MAGIC:
+                raise UnsupportedFormatError(
+                    "refused: not a PyTorch checkpoint (neither a zip archive nor torch's legacy format)",
+                    path=str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if mmap:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with _BoundedFile(path) as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise HeaderError("cannot load as a PyTorch checkpoint: it claims more data than the file "
+                          "holds (corrupt or hostile)", path=str(path)) from None
     except pickle.UnpicklingError as e:
         raise UnsupportedFormatError(
             "refused: the file is not a plain weights-only state dict (its pickle asks for "
@@ -88,6 +120,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from e
     except Exception as e:  # torch's loader parses hostile bytes: any failure means "not loadable"
         msg = " ".join(str(e).split())[:200] or type(e).__name__
+        if "allocate" in msg:  # a storage size from the pickle, refused before any byte was used
+            raise HeaderError("cannot load as a PyTorch checkpoint: it declares tensor storage larger "
+                              "than memory allows (corrupt or hostile)", path=str(path)) from None
         raise HeaderError(f"cannot load as a PyTorch checkpoint: {msg}", path=str(path)) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict) \
             and all(not isinstance(v, torch.Tensor) for k, v in obj.items() if k != "state_dict"):
