@@ -78,10 +78,19 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=25.0, help="seconds per command")
     ap.add_argument("--allowance-mb", type=int, default=1024, help="address space per command beyond the warm worker's")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--workdir", type=Path, help="keep the workers' JSON lines here (default: a temporary folder)")
+    ap.add_argument("--summarise-only", action="store_true", help="summarise --workdir's JSON lines, run nothing")
     a = ap.parse_args()
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="lineage-fuzz-") as wd:
-        records = run_workers(a.seed, a.cases, a.workers, a.timeout, a.allowance_mb, Path(wd))
+    if a.summarise_only:
+        records = [json.loads(line) for f in sorted(a.workdir.glob("worker*.jsonl"))
+                   for line in f.read_text().splitlines() if line.strip()]
+    elif a.workdir is not None:
+        a.workdir.mkdir(parents=True, exist_ok=True)
+        records = run_workers(a.seed, a.cases, a.workers, a.timeout, a.allowance_mb, a.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lineage-fuzz-") as wd:
+            records = run_workers(a.seed, a.cases, a.workers, a.timeout, a.allowance_mb, Path(wd))
     summary = summarise(records)
     result = {"schema": "lineage.fuzz/1", "seed": a.seed, "cases_requested": a.cases,
               "workers": a.workers, "timeout_s": a.timeout, "allowance_mb": a.allowance_mb,
