@@ -1,7 +1,8 @@
 """The `lineage` command: parse options, make one library call, render.
 
 Exit codes: 0 success (whatever the verdict), 1 when ``--expect`` disagrees with
-the verdict, 2 on bad input (any :class:`~lineage.errors.LineageError`) or bad usage.
+the verdict, 2 on bad input (any :class:`~lineage.errors.LineageError`), bad usage or any
+other failure (always one line on stderr; ``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
