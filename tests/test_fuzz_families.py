@@ -174,3 +174,23 @@ def test_output_path_checked_before_work(seeds, tmp_path, capsys, argv) -> None:
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0] and "does not exist" in err[0], err
+
+
+def test_legacy_pickle_length_fields_cannot_allocate(tmp_path) -> None:
+    import tracemalloc
+
+    from lineage.io.torchbin import LEGACY_MAGIC
+
+    p = tmp_path / "m.pt"
+    p.write_bytes(LEGACY_MAGIC + b"\x80\x02X" + struct.pack("<I", 0xF0000000) + b"abc")
+    tracemalloc.start()
+    try:
+        with pytest.raises(LineageError, match=str(p)):
+            open_checkpoint(p)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20
+    p.write_bytes(b"X" + struct.pack("<I", 0xF0000000) + b"abc")  # not even torch's format
+    with pytest.raises(LineageError, match="refused"):
+        open_checkpoint(p)
