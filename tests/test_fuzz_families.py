@@ -17,7 +17,7 @@ from lineage.io.adapter import read_adapter
 from lineage.io.adapterconfig import pattern_matches
 from lineage.io.safejson import loads_bounded
 from lineage.io.tokenizer import load_vocab
-from lineage.pairing import assign_roles
+from lineage.roles import assign_roles
 from lineage.testing.fuzz import build_seeds
 
 
@@ -70,11 +70,13 @@ def test_gguf_tensor_count_one_low_is_a_format_error(seeds, tmp_path) -> None:
 
 def test_huge_layer_number_costs_nothing() -> None:
     shapes = {"model.layers.0.self_attn.q_proj.weight": (8, 8),
-              "model.layers.1000000000.self_attn.q_proj.weight": (8, 8),
+              "model.layers.999999999.self_attn.q_proj.weight": (8, 8),
+              "model.layers.1000000000.self_attn.k_proj.weight": (8, 8),
               "model.layers." + "9" * 5000 + ".mlp.up_proj.weight": (8, 8)}
     rm = assign_roles(shapes)
     assert rm.n_layers == 1
-    assert "model.layers.1000000000.self_attn.q_proj.weight" in rm.unassigned
+    assert "model.layers.999999999.self_attn.q_proj.weight" in rm.unassigned
+    assert "model.layers.1000000000.self_attn.k_proj.weight" in rm.unassigned
     assert any("beyond" in n for n in rm.notes)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lineage.errors import CheckpointError, RemoteError, ShardError
-from lineage.io.checkpoint import Checkpoint, open_safetensors_sources
+from lineage.io.checkpoint import Checkpoint, open_safetensors_sources, read_shard_index
 from lineage.io.selection import note_skipped, select_safetensors
 from lineage.io.hub import TOKENIZER_FILES, HubCheckpoint, HubRepo, _upgrade
 from lineage.io.sources import ByteSource
@@ -105,17 +105,7 @@ def _open_files(ref: str, repo: HubRepo, folder: str, names: list[str]) -> Check
 
 
 def _shards(ref: str, repo: HubRepo, index_name: str) -> list[str]:
-    import json
-
-    local = repo.fetch(index_name)
-    try:
-        wm = json.loads(Path(local).read_text(encoding="utf-8"))["weight_map"]
-        values = list(wm.values())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ShardError(f"shard index {index_name} has no valid 'weight_map' ({e})", path=ref) from e
-    if not all(isinstance(v, str) for v in values):
-        raise ShardError(f"shard index {index_name}: 'weight_map' values must be file names", path=ref)
-    shards = sorted(set(values))
+    shards = sorted(set(read_shard_index(Path(repo.fetch(index_name))).values()))
     folder = index_name.rsplit("/", 1)[0] + "/" if "/" in index_name else ""
     missing = [s for s in shards if folder + s not in repo.files or ".." in s.split("/")]
     if missing:
@@ -149,9 +139,7 @@ def _open_safetensors(ref: str, repo: HubRepo, pre: str, names: list[str]) -> Ch
         raise
     index = pre + "model.safetensors.index.json"
     if index in repo.files and len(names) > 1:
-        import json
-
-        wm = json.loads(Path(repo.fetch(index)).read_text(encoding="utf-8"))["weight_map"]
+        wm = read_shard_index(Path(repo.fetch(index)))
         absent = [t for t in wm if t not in ck.tensors]
         if absent:
             raise ShardError(f"{len(absent)} tensor(s) listed in the index are absent from the "
