@@ -35,6 +35,7 @@ LAYERS = {
     "lineage.fpcompare": 6,
     "lineage.tree": 6,
     "lineage.scan": 7,
+    "lineage.registry": 7,
     "lineage.family": 7,
     "lineage.testing": 7,
     "lineage.cli": 8,

@@ -102,7 +102,7 @@ def test_scan_links_planted_families_and_caches_fingerprints(scan_dir: Path, tmp
     assert all(m.cached for m in again.models if m.ok)
     _check(again)
     d = json.loads(json.dumps(first.to_dict()))
-    assert d["schema"] == "lineage.scan/1" and len(d["models"]) == 8
+    assert d["schema"] == "lineage.scan/2" and len(d["models"]) == 8
 
 
 def test_scan_confirm_types_and_orients_the_links(scan_dir: Path, tmp_path: Path) -> None:
