@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -55,11 +56,19 @@ def fingerprint_checkpoint(ck: Checkpoint, ref: str, progress: ProgressFn | None
 
 
 def fingerprint_bytes(fp: Fingerprint) -> bytes:
-    """The ``.lfp`` file bytes of ``fp`` (what a registry stores)."""
+    """The ``.lfp`` file bytes of ``fp`` (what a registry stores), byte-for-byte reproducible.
+
+    The safetensors writer orders its JSON header as it likes; the header is rewritten with
+    sorted keys (same tensor offsets), so one fingerprint always has one content hash.
+    """
     with tempfile.TemporaryDirectory(prefix="lineage-fp-") as d:
         out = Path(d) / f"fp{SUFFIX}"
         save_fingerprint(fp, out)
-        return out.read_bytes()
+        raw = out.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
 
 
 def fingerprint_from_bytes(data: bytes) -> Fingerprint:

@@ -144,8 +144,10 @@ class Registry:
         info_j = json.dumps(info, sort_keys=True, default=str)
         rh = _row_hash(ref_key, fp_hash, kb, claims_j, info_j, files_j)
         with self._tx() as c:
+            old = c.execute("SELECT fp_hash FROM models WHERE ref_key = ?", (ref_key,)).fetchone()
             c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (fp_hash, blob, len(blob)))
-            c.execute("UPDATE blobs SET data = ?, size = ? WHERE hash = ? AND size != ?", (blob, len(blob), fp_hash, len(blob)))
+            c.execute("UPDATE blobs SET data = ?, size = ? WHERE hash = ? AND (size != ? OR data != ?)",
+                      (blob, len(blob), fp_hash, len(blob), blob))
             rev = int(c.execute("SELECT COALESCE(MAX(rev), 0) + 1 FROM models").fetchone()[0])
             c.execute(
                 "INSERT INTO models(ref_key, ref, label, origin, repo_id, revision_sha, files, fp_hash, key, key_version,"
@@ -157,6 +159,9 @@ class Registry:
                 (ref_key, ref, label, origin, repo_id, revision_sha, files_j, fp_hash, kb, KEY_VERSION, claims_j, info_j,
                  rh, rev, time.time()))
             row = c.execute("SELECT id FROM models WHERE ref_key = ?", (ref_key,)).fetchone()
+            if old is not None and old[0] != fp_hash:  # the replaced fingerprint, unless another model shares it
+                c.execute("DELETE FROM blobs WHERE hash = ? AND NOT EXISTS (SELECT 1 FROM models WHERE fp_hash = ?)",
+                          (old[0], old[0]))
         return int(row[0])
 
     def touch(self, id_: int, ref: str, label: str, origin: str) -> None:
