@@ -102,10 +102,12 @@ def open_index(reg: Registry, *, save: bool = True) -> KeyIndex:
         try:
             meta = json.loads(side.read_text())
             if meta.get("key_version") == KEY_VERSION and meta.get("ndim") == KEY_DIM:
-                idx, rev = Index.restore(str(path)), int(meta["rev"])
+                rev = int(meta["rev"])
+                # up to date: memory-map it read-only (a query touches a few pages, not the whole file)
+                idx = Index.restore(str(path), view=rev == reg.max_rev())
         except Exception as e:  # noqa: BLE001 - derived data: rebuild it
             log.warning("%s: unreadable index (%s); rebuilding it", path, e)
-            idx = None
+            idx, rev = None, 0
     if idx is None:
         idx, rev = new_index(), 0
     new = list(reg.keys_since(rev))

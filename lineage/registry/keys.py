@@ -81,15 +81,30 @@ def _layer_sum(fp: Fingerprint, kind: str) -> torch.Tensor | None:
     return acc
 
 
+def layer_sums(fp: Fingerprint) -> dict[str, np.ndarray]:
+    """Per sketch kind, the residual sketches summed over layers (``m × m``, rows in ``fp.tokens`` order)."""
+    out = {}
+    for kind in SKETCH_KINDS:
+        s = _layer_sum(fp, kind)
+        if s is not None:
+            out[kind] = s.numpy()
+    return out
+
+
 def retrieval_key(fp: Fingerprint) -> np.ndarray:
     """The model's retrieval key: ``KEY_DIM`` float32 numbers of unit norm (zeros for an empty fingerprint)."""
-    i, j, bucket, sign = pair_buckets(fp.tokens)
+    return key_from_sums(fp.tokens, layer_sums(fp))
+
+
+def key_from_sums(tokens: Sequence[str], sums: dict[str, np.ndarray]) -> np.ndarray:
+    """The key of layer sums (:func:`layer_sums`) whose rows belong to ``tokens``."""
+    i, j, bucket, sign = pair_buckets(tokens)
     key = np.zeros(KEY_DIM, dtype=np.float64)
     for b, kind in enumerate(SKETCH_KINDS):
-        s = _layer_sum(fp, kind)
+        s = sums.get(kind)
         if s is None:
             continue
-        vals = 0.5 * (s[i, j] + s[j, i]).numpy()
+        vals = 0.5 * (s[i, j] + s[j, i])
         block = np.bincount(bucket, weights=sign * vals, minlength=BLOCK)
         n = np.linalg.norm(block)
         if n > 0:

@@ -59,26 +59,36 @@ def confirm(engine: object, reg: Registry, pairs: Sequence[tuple[str, str]], *, 
     want = sorted({tuple(sorted(p)) for p in pairs if p[0] != p[1]})
     have = dict(reg.pair_results(want))
     missing = [p for p in want if p not in have]
-    rows: dict[str, list[str]] = defaultdict(list)
-    for a, b in missing:
-        rows[a].append(b)
-    heads = sorted(rows, key=lambda h: -len(rows[h]))
+    rows = _rows(missing, int(getattr(engine, "workers", 1)))
     hashes = sorted({h for p in missing for h in p})
     blobs = dict(zip(hashes, engine.share([reg.blob(h) for h in hashes])))  # type: ignore[attr-defined]
-    jobs = [(blobs[h], [blobs[o] for o in rows[h]]) for h in heads]
+    jobs = [(blobs[h], [blobs[o] for o in others]) for h, others in rows]
     failed: list[str] = []
     for k, o in enumerate(engine.map(compare_task, jobs)):  # type: ignore[attr-defined]
-        h = heads[o.index]
+        h, others = rows[o.index]
         if not o.ok or o.value is None:
             failed.append(f"{h[:12]}: {o.error_type}: {o.error}")
             continue
-        got = [(h, b, lp) for b, lp in zip(rows[h], o.value)]
+        got = [(h, b, lp) for b, lp in zip(others, o.value)]
         reg.put_pairs(got)
         have.update({tuple(sorted((a, b))): lp for a, b, lp in got})
         if progress is not None:
             progress(k + 1, len(jobs), "confirm candidates")
     same = {p: 0.0 for p in pairs if p[0] == p[1]}  # identical fingerprints: the same model
     return Confirmed({**have, **same}, len(want) - len(missing), len(missing), tuple(failed))
+
+
+def _rows(pairs: Sequence[tuple[str, str]], workers: int) -> list[tuple[str, list[str]]]:
+    """Tasks ``(fingerprint, [others…])``: pairs grouped by a shared side (each task loads it once), split
+    so that there are at least two tasks per worker when there are enough pairs (a query is one row)."""
+    by: dict[str, list[str]] = defaultdict(list)
+    for a, b in pairs:
+        by[a].append(b)
+    size = max(1, -(-len(pairs) // max(1, 2 * workers)))
+    out = []
+    for h in sorted(by, key=lambda x: -len(by[x])):
+        out += [(h, by[h][i:i + size]) for i in range(0, len(by[h]), size)]
+    return out
 
 
 def pair_p(conf: Confirmed, a: str, b: str) -> float | None:

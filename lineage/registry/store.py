@@ -88,6 +88,23 @@ class ModelRecord:
         return dict(json.loads(self.info))
 
 
+@dataclass(frozen=True)
+class NewModel:
+    """A model to store (see :meth:`Registry.put_models`)."""
+
+    ref_key: str
+    ref: str
+    label: str
+    origin: str
+    repo_id: str | None
+    revision_sha: str | None
+    files: tuple[tuple[str, int, str], ...]
+    blob: bytes
+    key: np.ndarray
+    claims: tuple[tuple[str, str], ...]
+    info: dict[str, object]
+
+
 def _row_hash(ref_key: str, fp_hash: str, key: bytes, claims: str, info: str, files: str) -> str:
     h = hashlib.sha256()
     for part in (ref_key.encode(), fp_hash.encode(), key, claims.encode(), info.encode(), files.encode()):
@@ -137,31 +154,43 @@ class Registry:
                   revision_sha: str | None, files: Sequence[tuple[str, int, str]], blob: bytes, key: np.ndarray,
                   claims: Sequence[tuple[str, str]], info: dict[str, object]) -> int:
         """Store one model and its fingerprint in one transaction (upsert by ``ref_key``); returns its id."""
-        fp_hash = content_hash(blob)
-        kb = np.asarray(key, dtype=np.float32).tobytes()
-        files_j = json.dumps([list(f) for f in files])
-        claims_j = json.dumps([list(c) for c in claims])
-        info_j = json.dumps(info, sort_keys=True, default=str)
-        rh = _row_hash(ref_key, fp_hash, kb, claims_j, info_j, files_j)
+        return self.put_models([NewModel(ref_key, ref, label, origin, repo_id, revision_sha, tuple(files), blob,
+                                         key, tuple(claims), info)])[0]
+
+    def put_models(self, models: Sequence[NewModel]) -> list[int]:
+        """Store several models in one transaction (bulk registration); returns their ids."""
+        ids = []
         with self._tx() as c:
-            old = c.execute("SELECT fp_hash FROM models WHERE ref_key = ?", (ref_key,)).fetchone()
-            c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (fp_hash, blob, len(blob)))
-            c.execute("UPDATE blobs SET data = ?, size = ? WHERE hash = ? AND (size != ? OR data != ?)",
-                      (blob, len(blob), fp_hash, len(blob), blob))
-            rev = int(c.execute("SELECT COALESCE(MAX(rev), 0) + 1 FROM models").fetchone()[0])
-            c.execute(
-                "INSERT INTO models(ref_key, ref, label, origin, repo_id, revision_sha, files, fp_hash, key, key_version,"
-                " claims, info, row_hash, rev, added) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-                " ON CONFLICT(ref_key) DO UPDATE SET ref=excluded.ref, label=excluded.label, origin=excluded.origin,"
-                " repo_id=excluded.repo_id, revision_sha=excluded.revision_sha, files=excluded.files,"
-                " fp_hash=excluded.fp_hash, key=excluded.key, key_version=excluded.key_version, claims=excluded.claims,"
-                " info=excluded.info, row_hash=excluded.row_hash, rev=excluded.rev",
-                (ref_key, ref, label, origin, repo_id, revision_sha, files_j, fp_hash, kb, KEY_VERSION, claims_j, info_j,
-                 rh, rev, time.time()))
-            row = c.execute("SELECT id FROM models WHERE ref_key = ?", (ref_key,)).fetchone()
-            if old is not None and old[0] != fp_hash:  # the replaced fingerprint, unless another model shares it
-                c.execute("DELETE FROM blobs WHERE hash = ? AND NOT EXISTS (SELECT 1 FROM models WHERE fp_hash = ?)",
-                          (old[0], old[0]))
+            rev = int(c.execute("SELECT COALESCE(MAX(rev), 0) FROM models").fetchone()[0])
+            for m in models:
+                rev += 1
+                ids.append(self._put(c, m, rev))
+        return ids
+
+    def _put(self, c: sqlite3.Connection, m: NewModel, rev: int) -> int:
+        fp_hash = content_hash(m.blob)
+        kb = np.asarray(m.key, dtype=np.float32).tobytes()
+        files_j = json.dumps([list(f) for f in m.files])
+        claims_j = json.dumps([list(x) for x in m.claims])
+        info_j = json.dumps(m.info, sort_keys=True, default=str)
+        rh = _row_hash(m.ref_key, fp_hash, kb, claims_j, info_j, files_j)
+        old = c.execute("SELECT fp_hash FROM models WHERE ref_key = ?", (m.ref_key,)).fetchone()
+        c.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?, ?)", (fp_hash, m.blob, len(m.blob)))
+        c.execute("UPDATE blobs SET data = ?, size = ? WHERE hash = ? AND (size != ? OR data != ?)",
+                  (m.blob, len(m.blob), fp_hash, len(m.blob), m.blob))
+        c.execute(
+            "INSERT INTO models(ref_key, ref, label, origin, repo_id, revision_sha, files, fp_hash, key, key_version,"
+            " claims, info, row_hash, rev, added) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT(ref_key) DO UPDATE SET ref=excluded.ref, label=excluded.label, origin=excluded.origin,"
+            " repo_id=excluded.repo_id, revision_sha=excluded.revision_sha, files=excluded.files,"
+            " fp_hash=excluded.fp_hash, key=excluded.key, key_version=excluded.key_version, claims=excluded.claims,"
+            " info=excluded.info, row_hash=excluded.row_hash, rev=excluded.rev",
+            (m.ref_key, m.ref, m.label, m.origin, m.repo_id, m.revision_sha, files_j, fp_hash, kb, KEY_VERSION,
+             claims_j, info_j, rh, rev, time.time()))
+        row = c.execute("SELECT id FROM models WHERE ref_key = ?", (m.ref_key,)).fetchone()
+        if old is not None and old[0] != fp_hash:  # the replaced fingerprint, unless another model shares it
+            c.execute("DELETE FROM blobs WHERE hash = ? AND NOT EXISTS (SELECT 1 FROM models WHERE fp_hash = ?)",
+                      (old[0], old[0]))
         return int(row[0])
 
     def touch(self, id_: int, ref: str, label: str, origin: str) -> None:
