@@ -73,7 +73,6 @@ def main() -> None:
     db = cache_dir("registry") / f"{zoo.root.name}.sqlite"
     reg, recs, reg_s = register_zoo(zoo, db)
     ids = sorted(recs)
-    pos = {m: i for i, m in enumerate(ids)}
     keys = np.stack([recs[m].key for m in ids])
     index = KeyIndex.from_keys(list(range(len(ids))), keys)
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Any
 from lineage.errors import ConfigError
 from lineage.registry.ann import open_index
 from lineage.registry.claims import ClaimCheck
-from lineage.registry.search import CandidatePolicy, claim_for, confirm, name_table, pair_p, resolve_claim
+from lineage.registry.search import CandidatePolicy, claim_for, confirm, pair_p, resolve_claim
 from lineage.registry.store import ModelRecord, Registry
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "lineage.registry.query/1"
 #: Family-wise error rate of a query's links (divided by the number of registered models).
 FAMILY_ALPHA = 1e-3
+#: Candidates a query tests (the ``k`` nearest keys; no similarity expansion, to stay within a second).
+DEFAULT_QUERY_K_MAX = 10
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def query(reg: Registry, model: str, engine: object, *, policy: CandidatePolicy 
     neigh = pol.pick(index.search(rec.key, pol.k_max, exclude=[rec.id]))
     cands = reg.by_ids([x.id for x in neigh])
     sim = {x.id: x.similarity for x in neigh}
-    claimed = resolve_claim([c for c, _ in rec.claims], {k: v for k, v in _claim_names(reg, rec).items()})
+    claimed = resolve_claim([c for c, _ in rec.claims], _claim_names(reg, rec))
     if claimed is not None and claimed.id not in cands and claimed.id != rec.id:
         cands[claimed.id] = claimed
     t2 = time.perf_counter()
@@ -102,10 +104,6 @@ def query(reg: Registry, model: str, engine: object, *, policy: CandidatePolicy 
     timing = {"fingerprint_s": t1 - t0, "index_s": t2 - t1, "confirm_s": t3 - t2, "query_s": t3 - t1,
               "tested": conf.tested, "cached": conf.cached}
     return QueryResult(model, str(reg.path), n, FAMILY_ALPHA / n, tuple(hits), claim, timing)
-
-
-#: Candidates a query tests (the ``k`` nearest keys; no similarity expansion, to stay within a second).
-DEFAULT_QUERY_K_MAX = 10
 
 
 def _claim_names(reg: Registry, rec: ModelRecord) -> dict[str, ModelRecord]:
