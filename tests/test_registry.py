@@ -159,3 +159,29 @@ def test_query_confirms_a_claimed_base_outside_the_shortlist(claimed_dir: Path, 
     ingest(LocalEngine(2), reg, discover([str(claimed_dir)]))
     res = query(reg, str(claimed_dir / "unrelated"), LocalEngine(1), policy=CandidatePolicy(k=1, k_max=1))
     assert len(res.hits) == 1 and res.claim.status == "unverifiable" and not res.related
+
+
+def test_registry_add_an_organisation_over_http(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    from lineage.registry import add
+    from lineage.testing.hubserver import HubServer
+
+    root = tmp_path / "hub"
+    for name in ("base", "derived"):
+        shutil.copytree(tiny_models[name], root / "acme" / name)
+    _card(root / "acme" / "derived", "acme/base")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    for v in ("HF_TOKEN", "LINEAGE_HUB_DOWNLOAD", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(v, raising=False)
+    with HubServer(root) as srv:
+        monkeypatch.setenv("HF_ENDPOINT", srv.endpoint)
+        reg = Registry(tmp_path / "r.sqlite")
+        done, _ = add(["org:acme"], reg, LocalEngine(2))
+        again, _ = add(["acme/derived"], reg, LocalEngine(1))      # the same repo at the same commit: reused
+        res = query(reg, "acme/derived", LocalEngine(2))
+    recs = {d.entry.label: d.record for d in done}
+    assert all(d.ok for d in done) and again[0].cached and reg.count() == 2
+    r = recs["acme/derived"]
+    assert r.repo_id == "acme/derived" and r.revision_sha and len(r.revision_sha) == 40
+    assert any(n == "model.safetensors" and len(h) == 64 for n, _, h in r.files)   # the LFS sha256 the Hub publishes
+    assert r.claims == (("acme/base", "card"),)
+    assert res.claim.status == "confirmed" and res.claim.claimed_model == "acme/base"
