@@ -227,7 +227,7 @@ def tree(models: tuple[str, ...], as_json: bool, html_path: str | None, no_progr
 @click.option("--address", help="Scheduler address for --engine dask/ray (default: start a local cluster).")
 @click.option("--confirm", is_flag=True, help="Confirm every fingerprint link with the full weight comparison.")
 @click.option("--alpha", type=float, help="Per-pair link threshold (default: 1e-3 / number of pairs).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Fingerprint cache (default: $LINEAGE_CACHE/fingerprints).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Folder of the registry database that caches fingerprints and tests (default: $LINEAGE_CACHE).")
 @click.option("--refresh", is_flag=True, help="Recompute cached fingerprints.")
 @click.option("--db", type=click.Path(dir_okay=False), help="Registry database (default: <cache-dir>/registry.sqlite).")
 @click.option("-k", "--candidates", "k", type=int, default=10, show_default=True,
