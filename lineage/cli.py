@@ -354,7 +354,11 @@ def registry_add(sources: tuple[str, ...], db: str | None, engine: str, workers:
 @click.option("--json", "as_json", is_flag=True, help="Write the result (schema lineage.registry.query/1) as JSON.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write a plain HTML page.")
 def registry_query(model: str, db: str | None, k: int, as_json: bool, html_path: str | None) -> int:
-    """Likely parents and relatives of MODEL among the registered models, each with its fingerprint p-value."""
+    """Likely parents and relatives of MODEL among the registered models, each with its fingerprint p-value.
+
+    MODEL (a path or Hub id) is fingerprinted unless already registered, and registered too; its
+    claimed base, if any, is checked against the weights (the first line of the output).
+    """
     import json
 
     from lineage.engine import get_engine
