@@ -545,40 +545,26 @@ def write_markdown(path: Path, s: dict[str, Any], cfg: Config, meta: dict[str, A
     path.write_text("\n".join(L) + "\n")
 
 
-def qq_svg(ps: list[float], size: int = 320) -> str:
-    """QQ plot (−log10 expected vs −log10 observed) of p-values as inline SVG."""
-    ps = sorted(p for p in ps if p is not None)
-    n = len(ps)
-    if not n:
-        return "<p>no null p-values</p>"
-    obs = [-math.log10(max(p, 1e-300)) for p in ps]
-    exp = [-math.log10((i + 0.5) / n) for i in range(n)]
-    top = max(max(exp), min(max(obs), 20.0), 1.0)
-    pad = 30
-    sc = (size - 2 * pad) / top
-
-    def xy(x: float, y: float) -> str:
-        return f"{pad + x * sc:.1f},{size - pad - min(y, top) * sc:.1f}"
-
-    pts = " ".join(f'<circle cx="{xy(e, o).split(",")[0]}" cy="{xy(e, o).split(",")[1]}" r="2" fill="#1f77b4"/>'
-                   for e, o in zip(exp, obs))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}">'
-            f'<rect width="100%" height="100%" fill="white"/>'
-            f'<line x1="{xy(0, 0).split(",")[0]}" y1="{xy(0, 0).split(",")[1]}" x2="{xy(top, top).split(",")[0]}" '
-            f'y2="{xy(top, top).split(",")[1]}" stroke="#999"/>{pts}'
-            f'<text x="{size / 2}" y="{size - 5}" font-size="11" text-anchor="middle">−log10 expected p</text>'
-            f'<text x="10" y="{size / 2}" font-size="11" transform="rotate(-90 10 {size / 2})" text-anchor="middle">'
-            f'−log10 observed p</text></svg>')
-
-
 def write_html(path: Path, s: dict[str, Any], recs: list[Record], md: str) -> None:
-    import html
+    """The accuracy page: the Markdown report rendered (tables, headings) with labelled QQ plots.
+
+    Self-contained: matplotlib SVG inline, CSS inline, no external request."""
+    import markdown
+
+    from lineage.plots import mpl_qq, page
 
     null_ps = [r.p_value for r in recs if r.label == "independent" and r.p_value is not None]
     nm = [r.p_value for r in recs if r.group == "independent_null" and r.p_value is not None]
-    body = (f"<h2>QQ plot of p-values on independent pairs (all: {len(null_ps)}; null models: {len(nm)})</h2>"
-            f"{qq_svg(null_ps)} {qq_svg(nm)}<pre>{html.escape(md)}</pre>")
-    path.write_text(f"<!doctype html><meta charset='utf-8'><title>lineage accuracy</title><body>{body}</body>\n")
+    qq = mpl_qq({"all independent pairs": null_ps, "null-model pairs": nm},
+                title="QQ plot of p-values on independent pairs")
+    text = markdown.markdown(md, extensions=["tables"], output_format="html")
+    intro, _, rest = text.partition("</h1>")
+    body = (f"{intro}</h1>" if rest else "") + (
+        f'<figure class="plot">{qq}<figcaption>Observed against expected −log10 p under the null '
+        f"(independent pairs: {len(null_ps)}; null-model pairs: {len(nm)}). Points on or below the dashed "
+        f"diagonal: calibrated or conservative; above it: anti-conservative.</figcaption></figure>"
+    ) + (rest or text)
+    path.write_text(page("lineage accuracy", body), encoding="utf-8")
 
 
 def _commit() -> str:

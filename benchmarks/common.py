@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -18,11 +17,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cache_dir(*parts: str) -> Path:
-    """``$LINEAGE_CACHE`` or ``~/.cache/lineage``, joined with ``parts`` (created)."""
-    root = Path(os.environ.get("LINEAGE_CACHE", Path.home() / ".cache" / "lineage"))
-    d = root.joinpath(*parts)
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    """Lineage's cache folder (:func:`lineage.io.cachedir.cache_root`) joined with ``parts`` (created)."""
+    from lineage.io.cachedir import cache_path
+
+    return cache_path(*parts, create=True)
 
 
 def run_measured(argv: list[str], stdout=subprocess.DEVNULL) -> tuple[float, int]:

@@ -5,7 +5,7 @@
 
 For each derived pair (a = ancestor, b = descendant; one-hop edges and multi-hop
 chains such as ``base → chain2`` or ``base → ft-int4``) both checkpoints are opened,
-their roles paired (``pairing.roles_for`` / ``pair_models`` / ``read_role``, as the
+their roles paired (``roles.roles_for`` / ``pair_models`` / ``read_role``, as the
 compare pipeline does) and :func:`lineage.signals.direction.direction` is called on
 the paired tensors, with the full role maps so that structural evidence (depth,
 width, vocabulary changes) is available.  Pairs whose path contains a
@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from lineage.io.checkpoint import open_checkpoint  # noqa: E402
-from lineage.pairing import pair_models, read_role, roles_for  # noqa: E402
+from lineage.roles import pair_models, read_role, roles_for  # noqa: E402
 from lineage.signals.direction import direction  # noqa: E402
 from lineage.testing.zoo import Zoo  # noqa: E402
 

@@ -32,7 +32,7 @@ from common import write_result  # noqa: E402
 from lineage.anatomy import AlignedPair, explain  # noqa: E402
 from lineage.io.checkpoint import open_checkpoint  # noqa: E402
 from lineage.lazyroles import LazyRoles  # noqa: E402
-from lineage.pairing import pair_models, read_role, roles_for  # noqa: E402
+from lineage.roles import pair_models, read_role, roles_for  # noqa: E402
 from lineage.testing.reencode import int8_round  # noqa: E402
 from lineage.testing.zoo import Zoo  # noqa: E402
 

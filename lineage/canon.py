@@ -60,7 +60,7 @@ from scipy.optimize import linear_sum_assignment
 
 from lineage import depth as depth_mod
 from lineage.errors import ArchitectureError, ShapeMismatchError
-from lineage.pairing import apply_view, assign_roles, layer_dict, read_role, roles_for
+from lineage.roles import apply_view, assign_roles, layer_dict, read_role, roles_for
 from lineage.stattest import MatrixStat, aligned_z, combine, deflate_spikes, log10_normal_sf
 from lineage_kernels.assign import cosine_matrix, propose_match
 
@@ -121,7 +121,7 @@ class CanonArch:
 
 
 def arch_from(obj: Any) -> CanonArch:
-    """A :class:`CanonArch` from itself, from ``lineage.pairing.ArchInfo``, or from a mapping."""
+    """A :class:`CanonArch` from itself, from ``lineage.roles.ArchInfo``, or from a mapping."""
     if isinstance(obj, CanonArch):
         return obj
     get = obj.get if isinstance(obj, Mapping) else (lambda k, d=None: getattr(obj, k, d))
@@ -185,8 +185,8 @@ class DictModel:
 class WeightsModel:
     """:class:`LayeredModel` over in-memory tensors with stored (e.g. Hugging Face) names.
 
-    Roles come from :func:`lineage.pairing.assign_roles`; ``arch`` is the
-    resulting :class:`~lineage.pairing.ArchInfo`.
+    Roles come from :func:`lineage.roles.assign_roles`; ``arch`` is the
+    resulting :class:`~lineage.roles.ArchInfo`.
     """
 
     def __init__(self, weights: Mapping[str, Tensor], config: Mapping[str, Any] | None = None) -> None:

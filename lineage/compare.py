@@ -26,7 +26,7 @@ import torch
 
 from lineage.errors import ConfigError, LineageError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
-from lineage.pairing import RoleMap, pair_models, parse_role, read_role, roles_for
+from lineage.roles import RoleMap, align_experts, is_evidence_role, pair_models, parse_role, read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
@@ -209,6 +209,9 @@ def _summary(ckpt: Checkpoint, roles: RoleMap) -> ModelSummary:
         hidden=getattr(arch, "hidden", None),
         dtypes=dict(Counter(m.dtype for m in ckpt.tensors.values())),
         claims=claims,
+        hub=ckpt.provenance,
+        files=ckpt.file_integrity(),
+        skipped_files=ckpt.skipped_files,
     )
 
 
@@ -249,7 +252,7 @@ def _plan(ca: Checkpoint, cb: Checkpoint, ra: RoleMap, rb: RoleMap):
     pairing = pair_models(ra, rb)
     jobs: list[_Job] = []
     skipped: list[TensorRow] = []
-    findings: list[Finding] = []
+    findings: list[Finding] = [Finding(f.severity, f.message) for f in pairing.findings]
     for m in pairing.matched:
         sa, sb = tuple(m.shape_a), tuple(m.shape_b)
         layer, kind = split_role(m.role)
@@ -275,7 +278,7 @@ def _compare_open(
     progress: ProgressFn | None, t0: float,
 ) -> Report:
     ra = roles_for(ca)
-    rb = roles_for(cb)
+    rb = align_experts(ca, ra, cb, roles_for(cb))
     pairing, jobs, rows_out, findings = _plan(ca, cb, ra, rb)
     if not jobs and not rows_out:
         log.warning("no tensors could be paired between %s and %s", ca.ref, cb.ref)
@@ -292,7 +295,7 @@ def _compare_open(
         shape_a, shape_b = job.shape_a, job.shape_b
         note = None if job.full else f"compared on the first {job.rows} rows ({shape_a[0]} vs {shape_b[0]})"
         is_evidence = (
-            kind in EVIDENCE_KINDS and job.role.endswith(".weight") and len(shape_a) == 2
+            is_evidence_role(job.role) and job.role.endswith(".weight") and len(shape_a) == 2
             and sim.pearson is not None and not (tied_embed and kind == "lm_head")
         )
         if not sim.finite:
@@ -623,7 +626,10 @@ def _anatomy_summary(rel: dict[str, Any]) -> str:
     parent = rel.get("parent")
     who = {"a": "A is the parent", "b": "B is the parent"}.get(str(parent), "direction undecided")
     if r == "lora merge":
-        extra = f"rank {d.get('rank')} on {d.get('modules_description') or d.get('modules')}"
+        desc = str(d.get("modules_description") or "")
+        # the description reads "low-rank update, rank r on <modules>": keep it, without repeating the rank
+        extra = (desc.removeprefix("low-rank update, ") if desc.startswith("low-rank update, rank")
+                 else f"rank {d.get('rank')} on {desc or d.get('modules')}")
         if d.get("quant_format"):
             extra += f", then quantised ({d.get('quant_format')})"
     elif r == "quantised copy":

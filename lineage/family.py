@@ -23,12 +23,13 @@ import torch
 from lineage.anatomy import AlignedPair, explain
 from lineage.compare import CompareOptions, compare
 from lineage.io.checkpoint import open_checkpoint
-from lineage.pairing import read_role, roles_for
+from lineage.roles import read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.report import Report
 from lineage.signals.direction import between, direction
 from lineage.signals.pairstats import pair_stats
-from lineage.tree import Link, Tree, build_tree
+from lineage.verdict import fisher_z, log10_norm_sf
+from lineage.tree import SIBLING, Link, Tree, build_tree
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,18 @@ class FamilyResult:
             ],
         }
 
+    def pair_rows(self) -> list[dict[str, object]]:
+        """Compared pairs by model name (``a``, ``b``, ``relation``, ``log10_p``), for drawing p-values."""
+        def name(ref: str) -> str:
+            p = Path(ref)
+            for cand in (ref, p.name, p.parent.name):
+                if cand in self.tree.nodes:
+                    return cand
+            return ref
+
+        return [{"a": name(r.a.ref), "b": name(r.b.ref), "relation": r.verdict.relation,
+                 "log10_p": r.verdict.log10_p} for r in self.reports]
+
 
 def link_from_report(name_a: str, name_b: str, report: Report) -> Link:
     """Turn one comparison into a tree link (direction and distance from the anatomy when present)."""
@@ -88,9 +101,14 @@ def link_from_report(name_a: str, name_b: str, report: Report) -> Link:
         distance = sum(min(1.0, float(x)) for x in rels) / len(rels)
     else:
         distance = details.get("rel_delta_median")
+    # neither side looks like an ancestor of the other (siblings, or a merge seen from one parent)
+    vg = ((details.get("direction") or {}).get("evidence") or {}).get("variance_growth") or {}
+    between_ = bool(vg.get("between")) and parent is None
     return Link(
         a=name_a,
         b=name_b,
+        between=between_,
+        log10_p=v.log10_p,
         related=bool(v.derived),
         distance=float(distance) if isinstance(distance, (int, float)) else UNSIZED_DISTANCE,
         parent=parent,
@@ -151,6 +169,8 @@ class PairEvidence:
     #: share of the shared matrices whose Pearson reaches :data:`CLEAN_PEARSON` (a small change,
     #: not merely a significant correlation: permuted neurons keep a weak one)
     fraction_close: float = 0.0
+    #: log10 p of the element-wise test (Fisher z per matrix, Stouffer; lineage.verdict's null)
+    log10_p: float | None = None
 
 
 #: Pearson of a matrix pair whose change is small against the weights (relative delta ≲ 1);
@@ -192,10 +212,11 @@ def elementwise_evidence(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Te
     mats = [r for r in shared if A[r].dim() == 2]
     if not mats:
         return PairEvidence(False, 0.0, UNSIZED_DISTANCE, None, 0.0, False, None)
-    hits, rels, scaled, close = 0, [], 0, 0
+    hits, rels, scaled, close, zs = 0, [], 0, 0, []
     for r in mats:
         st = pair_stats(A[r], B[r])
         pr = st.pearson or 0.0
+        zs.append(fisher_z(pr, min(A[r].shape)))
         close += pr >= CLEAN_PEARSON
         if pr > o.z_related / math.sqrt(st.n):
             hits += 1
@@ -221,14 +242,25 @@ def elementwise_evidence(A: Mapping[str, torch.Tensor], B: Mapping[str, torch.Te
     # "between" matters only where variance growth would have decided (one-way evidence such as
     # structure, grid or precision orients the pair whatever the variance does)
     btw = bool(vg.get("between")) and d.decided_by is None
+    log10_p = log10_norm_sf(sum(zs) / math.sqrt(len(zs)))
     return PairEvidence(True, frac, dist, d.parent, d.confidence, btw, d.decided_by, scaled / max(hits, 1),
-                        close / len(mats))
+                        close / len(mats), log10_p)
 
 
 def _compare_link(name_a: str, name_b: str, ref_a: str, ref_b: str, options: CompareOptions | None
                   ) -> tuple[Link, Report]:
     rep = compare(ref_a, ref_b, options=options)
     return link_from_report(name_a, name_b, rep), rep
+
+
+def _merge_candidates(c: str, flag: Mapping[str, set[str]], near: Sequence[str], kids: set[str]
+                      ) -> list[tuple[str, str]]:
+    """Parent pairs to fit ``c`` to: a ``between`` relative of ``c`` with a near one, and any two near
+    relatives that are ``between`` each other (siblings: an even merge of two siblings looks like
+    their common ancestor's child to the direction evidence, and like their parent to theirs)."""
+    out = [(p1, p2) for p1 in sorted(flag[c] - kids) for p2 in near]
+    out += [(p1, p2) for p1, p2 in itertools.combinations(sorted(near), 2) if p2 in flag[p1]]
+    return list(dict.fromkeys(out))
 
 
 def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Tensor]],
@@ -265,37 +297,36 @@ def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Te
     explained = {(lk.b if lk.parent == lk.a else lk.a) for lk in links.values()
                  if lk.related and lk.one_way and lk.parent is not None}
     for c in names:
-        if not flag[c] or c not in roles or c in explained:
+        if c not in roles or c in explained:
             continue
         # a relative that one-way evidence (grid, precision, surgery) makes a child of c cannot be its parent
         kids = {y for y in rel[c] if (lk := links.get((c, y)) or links.get((y, c))) is not None
                 and lk.one_way and lk.parent == c}
         near = sorted(rel[c] - kids, key=lambda y: dist(c, y))[:MERGE_NEIGHBOURS]
-        for p1 in sorted(flag[c] - kids):
-            for p2 in near:
-                if p2 == p1 or p2 not in rel[p1] or p1 not in roles or p2 not in roles:
+        for p1, p2 in _merge_candidates(c, flag, near, kids):
+            if p2 == p1 or p2 not in rel[p1] or p1 not in roles or p2 not in roles:
+                continue
+            if prelim.parent_of(p1) == p2 or prelim.parent_of(p2) == p1:
+                continue  # "merging" a model with its own parent only rescales its update
+            bases = {x for x in (prelim.parent_of(p1), prelim.parent_of(p2)) if x is not None}
+            bases |= {x for x in rel[p1] & rel[p2] if parent_in(x, p1) and parent_in(x, p2)}
+            bases = sorted(x for x in bases - {c, p1, p2} if x in roles and x in rel[c])
+            if bases:
+                # with the parents' common parent in view the merge must hold in task-vector space:
+                # siblings that merely lie near the segment (independent updates of one base) fail here
+                cand = [between(roles[c], roles[p1], roles[p2], base=roles[x]) for x in bases[:2]]
+                cand = [f for f in cand if f.interpolates and max(f.weights) <= MERGE_MAX_WEIGHT
+                        and f.residual < MERGE_CONE_RESIDUAL
+                        and (f.task_cos is None or f.task_cos < MERGE_MAX_TASK_COS)]
+                if not cand:
                     continue
-                if prelim.parent_of(p1) == p2 or prelim.parent_of(p2) == p1:
-                    continue  # "merging" a model with its own parent only rescales its update
-                bases = {x for x in (prelim.parent_of(p1), prelim.parent_of(p2)) if x is not None}
-                bases |= {x for x in rel[p1] & rel[p2] if parent_in(x, p1) and parent_in(x, p2)}
-                bases = sorted(x for x in bases - {c, p1, p2} if x in roles and x in rel[c])
-                if bases:
-                    # with the parents' common parent in view the merge must hold in task-vector space:
-                    # siblings that merely lie near the segment (independent updates of one base) fail here
-                    cand = [between(roles[c], roles[p1], roles[p2], base=roles[x]) for x in bases[:2]]
-                    cand = [f for f in cand if f.interpolates and max(f.weights) <= MERGE_MAX_WEIGHT
-                            and f.residual < MERGE_CONE_RESIDUAL
-                            and (f.task_cos is None or f.task_cos < MERGE_MAX_TASK_COS)]
-                    if not cand:
-                        continue
-                    bt = min(cand, key=lambda f: f.residual)
-                else:
-                    bt = between(roles[c], roles[p1], roles[p2])
-                    if not bt.interpolates:
-                        continue
-                main, other = (p1, p2) if bt.alpha >= 0.5 else (p2, p1)
-                fits.append((bt.residual, c, main, other))
+                bt = min(cand, key=lambda f: f.residual)
+            else:
+                bt = between(roles[c], roles[p1], roles[p2])
+                if not bt.interpolates:
+                    continue
+            main, other = (p1, p2) if bt.alpha >= 0.5 else (p2, p1)
+            fits.append((bt.residual, c, main, other))
     out: dict[str, tuple[str, ...]] = {}
     parents_used: set[str] = set()
     for res, c, main, other in sorted(fits):
@@ -324,8 +355,8 @@ def _type_edges(tree: Tree, roles: Mapping[str, Mapping[str, torch.Tensor]],
             if {k: tuple(v.shape) for k, v in P.items()} != {k: tuple(v.shape) for k, v in C.items()}:
                 rep = compare(ref_of[e.parent], ref_of[e.child], options=options)
                 reports[(e.parent, e.child)] = rep
-        if e.relation == "merge":
-            pass
+        if e.relation in ("merge", SIBLING):
+            pass  # a merge keeps its label; siblings stay siblings
         elif rep is not None:
             v = rep.verdict.relation
             rel = "disguised copy" if v.startswith("identical (") else str((rep.anatomy or {}).get("relation") or v)
@@ -379,7 +410,8 @@ def family_tree(
             rescaled.append((a, b))
         links[(a, b)] = Link(a, b, ev.related, ev.distance, {"a": a, "b": b}.get(str(ev.parent)), ev.confidence,
                              "related" if ev.related else "unrelated", ev.between,
-                             ev.decided_by in ("structure", "sparsity", "grid", "precision"), ev.decided_by)
+                             ev.decided_by in ("structure", "sparsity", "grid", "precision"), ev.decided_by,
+                             ev.log10_p)
         if progress is not None:
             progress(k + 1, len(pairs), f"{a} vs {b}")
     # Models joined by clean links share a basis.  A model (or a sub-family) disguised relative to

@@ -182,7 +182,7 @@ class CheckpointRows:
         return None if v is None else tuple(v.shape)
 
     def _whole(self, role: str) -> torch.Tensor:
-        from lineage.pairing import apply_view
+        from lineage.roles import apply_view
 
         v = self.rolemap.roles[role]
         if self._cache is None or self._cache[0] != v.tensor:
@@ -209,7 +209,7 @@ class CheckpointRows:
         if shape is None:
             raise ArchitectureError(f"no role {role!r}")
         if len(shape) < 2:
-            from lineage.pairing import read_role
+            from lineage.roles import read_role
 
             return read_role(self.ckpt, self.rolemap.roles[role])
         stop = shape[0] if stop is None else stop

@@ -20,7 +20,7 @@ from lineage.fingerprint import (
     save_fingerprint,
 )
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
-from lineage.pairing import roles_for
+from lineage.roles import roles_for
 from lineage.progress import ProgressFn
 from lineage.report import ModelSummary, Report
 from lineage.verdict import DERIVED_P, UNRELATED_P, Verdict, p_from_log10
@@ -50,7 +50,8 @@ def fingerprint_checkpoint(ck: Checkpoint, ref: str, progress: ProgressFn | None
     # CheckpointModel gives the fingerprint row-span access: only the sample is read (see lineage.fingerprint)
     fp = compute_fingerprint(CheckpointModel(ck, rm), rm.arch, ck.vocab(), progress=progress, source=str(ref))
     summary = ModelSummary(ck.ref, ck.format, len(ck.tensors), ck.total_bytes, ck.bytes_read,
-                           rm.arch.family, rm.arch.n_layers, rm.arch.hidden)
+                           rm.arch.family, rm.arch.n_layers, rm.arch.hidden, hub=ck.provenance,
+                           files=ck.file_integrity(), skipped_files=ck.skipped_files)
     requests = sum(int(getattr(s, "requests", 0)) for s in ck.sources)
     return fp, summary, requests
 

@@ -187,7 +187,7 @@ def _claims(ref: str, ckpt: Checkpoint) -> list[LineageClaim]:
 
 def _roles(ckpt: Checkpoint) -> tuple[dict[str, list[str]], dict[str, Any] | None, list[str]]:
     try:
-        from lineage.pairing import roles_for
+        from lineage.roles import roles_for
 
         rm = roles_for(ckpt)
     except Exception as e:  # roles are a convenience here; never fail inspect on them

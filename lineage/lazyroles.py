@@ -38,7 +38,7 @@ R = TypeVar("R")
 class LazyRoles(Mapping[str, torch.Tensor]):
     """A read-on-access ``role -> float32 tensor`` mapping with known shapes.
 
-    ``read(role)`` produces the tensor (e.g. ``pairing.read_role(ckpt, view)``);
+    ``read(role)`` produces the tensor (e.g. ``roles.read_role(ckpt, view)``);
     ``shapes`` lists the roles (in iteration order) and their shapes.  The last
     ``cache`` tensors read are kept (thread-safe) so a consumer that touches the same
     role a few times in a row reads it once; memory is bounded by ``cache`` tensors.

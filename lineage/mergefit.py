@@ -11,7 +11,7 @@ import torch
 
 from lineage.errors import ArchitectureError, ConfigError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
-from lineage.pairing import RoleMap, read_role, roles_for
+from lineage.roles import RoleMap, read_role, roles_for
 from lineage.signals.merge import MergeFit, fit_merge
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
+from lineage.pvalue import format_p
 from lineage.report import Report, TensorRow
 
 _COLOURS = {"green": "32", "red": "31", "yellow": "33", "dim": "2", "bold": "1", "cyan": "36"}
@@ -66,8 +67,53 @@ def _merge_lines(m: dict[str, Any], s: Any) -> list[str]:
     return out
 
 
-def render_text(report: Report, *, colour: bool = False, tensors: bool = False) -> str:
-    """The report as a human-readable table."""
+def canonical_decided(report: Report) -> bool:
+    """True when the canonical (aligned) test carried the verdict rather than the element-wise one."""
+    d = report.verdict.details or {}
+    pc, pe = d.get("log10_p_canonical"), d.get("log10_p_elementwise")
+    if not report.canon or not report.canon.get("layers") or pc is None:
+        return False
+    return pe is None or float(pc) < float(pe)
+
+
+def aligned_rows(report: Report) -> tuple[list[str], list[dict[str, Any]]]:
+    """Aligned per-layer statistics from the canonical test: stat names, and one dict per layer
+    (``layer``, ``layer_b``, ``r`` by stat, ``z`` by stat, ``log10_p``, ``raw`` median element-wise Pearson)."""
+    layers = (report.canon or {}).get("layers") or []
+    names: list[str] = []
+    raw: dict[int, list[float]] = defaultdict(list)
+    for row in report.layers:
+        if row.layer is not None and row.evidence and row.pearson is not None:
+            raw[row.layer].append(row.pearson)
+    out = []
+    for lr in layers:
+        rs, zs = {}, {}
+        for st in lr.get("stats", []):
+            if st.get("name") not in names:
+                names.append(st["name"])
+            rs[st["name"]], zs[st["name"]] = st.get("r"), st.get("z")
+        vals = sorted(raw.get(int(lr.get("layer_b", lr.get("layer_a", -1))), []))
+        out.append({"layer": lr.get("layer_a"), "layer_b": lr.get("layer_b"), "r": rs, "z": zs,
+                    "log10_p": lr.get("log10_p"), "raw": vals[len(vals) // 2] if vals else None})
+    return names, out
+
+
+def summary_text(summary: str) -> str:
+    """The verdict's summary without its own copy of the p-value (the verdict line already gives it,
+    written by :func:`lineage.pvalue.format_p`)."""
+    out = re.sub(r"\s*log10 p = -?[\d.]+(e[+-]?\d+)?\s*(?=under)", " ", summary)
+    out = re.sub(r"\s*\(p = [^)]*\)", "", out)
+    return re.sub(r"\s{2,}", " ", out).replace("found: under", "found under")
+
+
+def explain_text(report: Report) -> str:
+    """The null hypothesis and method, as printed by ``--explain``."""
+    v = report.verdict
+    return f"Method ({v.method}):\n  {v.null}\n"
+
+
+def render_text(report: Report, *, colour: bool = False, tensors: bool = False, explain: bool = False) -> str:
+    """The report as a human-readable table (short by default; ``explain`` adds the method text)."""
     s = Style(colour)
     out: list[str] = []
     for side, m in (("A", report.a), ("B", report.b)):
@@ -88,14 +134,15 @@ def render_text(report: Report, *, colour: bool = False, tensors: bool = False) 
             out.append(f"   claims {k}: {v}")
     v = report.verdict
     colour_name = {True: "green", False: "cyan", None: "yellow"}[v.derived]
-    p = "—" if v.log10_p is None else (f"{v.p_value:.3g}" if v.log10_p > -4 else f"1e{v.log10_p:.1f}")
     out.append("")
-    out.append(f"{s('Verdict:', 'bold')} {s(v.relation.upper(), 'bold', colour_name)}   p = {p}")
-    out.append(f"  {v.summary}")
-    out.append(s(f"  null: {v.null}", "dim"))
+    out.append(f"{s('Verdict:', 'bold')} {s(v.relation.upper(), 'bold', colour_name)}   {format_p(v.log10_p)}")
+    out.append(f"  {summary_text(v.summary)}")
+    if explain:
+        out.append(s("  " + explain_text(report).rstrip("\n").replace("\n", "\n  "), "dim"))
     if report.canon:
-        for t in meaningful_transforms(report.canon.get("transforms", []) or []):
-            out.append(f"  undone: {t}")
+        moved = meaningful_transforms(report.canon.get("transforms", []) or [])
+        if moved and "undone" not in v.summary:
+            out.append("  undone: " + "; ".join(moved))
     if report.anatomy:
         desc = report.anatomy.get("summary")
         if desc:
@@ -107,7 +154,10 @@ def render_text(report: Report, *, colour: bool = False, tensors: bool = False) 
     if report.merge:
         out.extend(_merge_lines(report.merge, s))
     out.append("")
-    out.extend(_grid(report, s))
+    if canonical_decided(report):
+        out.extend(_aligned_grid(report, s))
+    else:
+        out.extend(_grid(report, s))
     if tensors:
         out.append("")
         out.extend(_tensor_table(report.layers, s))
@@ -122,6 +172,18 @@ def render_text(report: Report, *, colour: bool = False, tensors: bool = False) 
         where = f" [{f.model}{': ' + f.tensor if f.tensor else ''}]" if f.model else ""
         out.append(s(f"{f.severity}:", tag) + f"{where} {f.message}")
     return "\n".join(out) + "\n"
+
+
+def _aligned_grid(report: Report, s: Style) -> list[str]:
+    names, rows = aligned_rows(report)
+    lines = ["Aligned correlation by layer: the canonical test decided (matrices compared after undoing",
+             "permutations, rotations and rescalings); raw r = median element-wise Pearson, for comparison"]
+    lines.append("layer " + "".join(f"{n + ' r':>12}" for n in names) + f"{'layer p':>24}{'raw r':>10}")
+    for row in rows:
+        cells = "".join(_pearson_style(s, row["r"].get(n), f"{_fmt(row['r'].get(n)):>12}") for n in names)
+        lab = f"{row['layer']}" if row["layer"] == row["layer_b"] else f"{row['layer']}→{row['layer_b']}"
+        lines.append(f"{lab:>5} {cells}{format_p(row['log10_p']):>24}" + s(f"{_fmt(row['raw']):>10}", "dim"))
+    return lines
 
 
 def _grid(report: Report, s: Style) -> list[str]:
@@ -186,7 +248,7 @@ def render_inspect(result: Any, *, tensors: bool = False) -> str:
         out.append("  claims     none (no base_model metadata found)")
     if result.unassigned:
         out.append(f"  unassigned {len(result.unassigned)} tensors, e.g. {result.unassigned[0]}")
-    out.append(f"  bytes read {_bytes(result.bytes_read)}")
+    out.append(f"  bytes read {_bytes(result.bytes_read)} (headers and metadata only; no tensor data is read)")
     if tensors:
         out.append("")
         for t in result.tensors:

@@ -13,6 +13,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lineage.io.provenance import FileIntegrity, HubProvenance
+from lineage.provenance import Provenance
+from lineage.pvalue import format_p, p_float
 from lineage.verdict import Verdict
 
 SCHEMA = "lineage.compare/1"
@@ -32,6 +35,12 @@ class ModelSummary:
     hidden: int | None = None
     dtypes: dict[str, int] = field(default_factory=dict)
     claims: dict[str, Any] = field(default_factory=dict)
+    #: For a Hub reference: repo id, revision, resolved commit, files (not a snapshot path).
+    hub: HubProvenance | None = None
+    #: Per file read: were its bytes verified against the hash the Hub publishes?
+    files: tuple[FileIntegrity, ...] = ()
+    #: Weight files beside the loaded ones that were left out (e.g. a float32 copy).
+    skipped_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,15 +89,31 @@ class Report:
     adapter_check: dict[str, Any] | None = None
     merge: dict[str, Any] | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    #: what the report was computed from and how (file hashes, versions, options, seeds)
+    provenance: Provenance | None = None
     schema: str = SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON dict following :data:`JSON_SCHEMA` (non-finite floats become null)."""
-        return _clean(asdict(self))
+        """Plain-JSON dict following :data:`JSON_SCHEMA` (non-finite floats become null).
+
+        ``verdict.p_value`` is null below 1e-300 (``log10_p`` is the exact figure) and
+        ``verdict.p_text`` is the p-value as every renderer writes it.
+        """
+        d = asdict(self)
+        v = d["verdict"]
+        v["p_value"] = p_float(self.verdict.log10_p) if self.verdict.log10_p is not None else v["p_value"]
+        v["p_text"] = format_p(self.verdict.log10_p)
+        return _clean({"schema": self.schema, "version": _version(), **d})
 
     def to_json(self, indent: int | None = 2) -> str:
         """JSON text of :meth:`to_dict`."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+
+def _version() -> str:
+    from lineage import __version__
+
+    return __version__
 
 
 def _clean(x: Any) -> Any:
@@ -117,6 +142,15 @@ _model = {
         "hidden": {"type": ["integer", "null"]},
         "dtypes": {"type": "object"},
         "claims": {"type": "object"},
+        "hub": {"type": ["object", "null"], "properties": {
+            "repo_id": {"type": "string"}, "revision": {"type": "string"}, "commit": {"type": "string"},
+            "files": {"type": "array", "items": {"type": "string"}}, "endpoint": {"type": "string"},
+            "from_cache": {"type": "boolean"}}},
+        "files": {"type": "array", "items": {"type": "object", "properties": {
+            "file": {"type": "string"}, "size": {"type": "integer"},
+            "status": {"enum": ["verified", "partial", "no-hash", "local"]},
+            "expected_sha256": _str_or_null, "bytes_hashed": {"type": "integer"}}}},
+        "skipped_files": {"type": "array", "items": {"type": "string"}},
     },
 }
 
@@ -125,9 +159,10 @@ JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": SCHEMA,
     "type": "object",
-    "required": ["schema", "a", "b", "verdict", "layers"],
+    "required": ["schema", "version", "a", "b", "verdict", "layers"],
     "properties": {
         "schema": {"const": SCHEMA},
+        "version": {"type": "string", "description": "lineage version that wrote the report"},
         "a": _model,
         "b": _model,
         "verdict": {
@@ -136,8 +171,9 @@ JSON_SCHEMA: dict[str, Any] = {
             "properties": {
                 "derived": {"type": ["boolean", "null"]},
                 "relation": {"type": "string"},
-                "p_value": _num,
+                "p_value": {"type": ["number", "null"], "description": "null below 1e-300: read log10_p"},
                 "log10_p": _num,
+                "p_text": {"type": "string", "description": "p = 3.2e-12 or p < 1e-300 (log10 p = -620.0)"},
                 "summary": {"type": "string"},
                 "null": {"type": "string"},
                 "method": {"type": "string"},
@@ -170,5 +206,7 @@ JSON_SCHEMA: dict[str, Any] = {
         "adapter_check": {"type": ["object", "null"]},
         "merge": {"type": ["object", "null"]},
         "timing": {"type": "object"},
+        "provenance": {"type": ["object", "null"], "description": "schema lineage.provenance/1: files "
+                       "(side, path, size, algorithm, digest), version, options, seeds, method"},
     },
 }

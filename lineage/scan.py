@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -172,13 +173,15 @@ class ScanResult:
 
 def confirm_task(job: tuple[str, str]) -> dict[str, Any]:
     """Full weight comparison of a linked pair, reduced to what a tree link needs."""
-    from lineage.compare import compare
+    from lineage.compare import CompareOptions, compare
     from lineage.family import link_from_report
 
     a, b = job
-    rep = compare(a, b)
+    rep = compare(a, b, options=CompareOptions(device=os.environ.get("LINEAGE_DEVICE", "cpu")))
     lk = link_from_report("a", "b", rep)
-    return {"log10_p": rep.verdict.log10_p, "related": lk.related, "relation": rep.verdict.relation, "parent": lk.parent,
+    # neither side an ancestor of the other: siblings, not a derivation (lineage.tree.SIBLING)
+    relation = "sibling" if lk.between and lk.parent is None else rep.verdict.relation
+    return {"log10_p": rep.verdict.log10_p, "related": lk.related, "relation": relation, "parent": lk.parent,
             "confidence": lk.confidence, "distance": lk.distance}
 
 
@@ -330,6 +333,7 @@ def claims_headline(result: ScanResult) -> list[str]:
 
 def render_text(result: ScanResult, *, colour: bool = False) -> str:
     """Terminal summary: the claim checks (headline), models (read fraction, errors), the links, and the tree."""
+    from lineage.pvalue import format_p
     from lineage.render_text import Style
     from lineage.tree import render_text as tree_text
 
@@ -338,10 +342,11 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
     bad = [m for m in result.models if not m.ok]
     total = sum(m.total_bytes or 0 for m in ok)
     read = sum(m.bytes_read or 0 for m in ok if not m.cached)
+    cached = sum(bool(m.cached) for m in ok)
     head = claims_headline(result)
     lines = ([s(head[0], "bold")] + head[1:] + [""]) if head else []
     lines += [s(f"Scanned {len(result.models)} models", "bold")
-              + f" ({len(ok)} fingerprinted, {sum(m.cached for m in ok)} from the registry, {len(bad)} failed) "
+              + f" ({len(ok) - cached} fingerprinted now + {cached} from the registry + {len(bad)} failed) "
               f"on the {result.engine} engine in {result.timing.get('total_s', 0):.1f} s; "
               f"read {_size(read)} of {_size(total)}.",
               f"{result.n_compared} candidate pairs compared ({result.n_tested} tested now, the rest cached); "
@@ -354,7 +359,7 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
         lines.append(s("Links", "bold"))
         for p in result.pairs:
             arrow = f"{p.parent} → {p.b if p.parent == p.a else p.a}" if p.parent else f"{p.a} — {p.b}"
-            lines.append(f"  {arrow}  {p.relation}  log10 p {p.log10_p:.1f} ({p.method})")
+            lines.append(f"  {arrow}  {p.relation}  {format_p(p.log10_p)} ({p.method})")
         lines.append("")
     lines.append(s("Family tree", "bold"))
     lines.append(tree_text(result.tree).rstrip("\n"))
@@ -369,7 +374,9 @@ def render_html(result: ScanResult, title: str = "lineage scan") -> str:
 
     from lineage.tree import render_html as tree_html
 
-    page = tree_html(result.tree, title=title)
+    pairs = [{"a": p.a, "b": p.b, "relation": p.relation, "log10_p": p.log10_p, "method": p.method}
+             for p in result.pairs]
+    page = tree_html(result.tree, title=title, pairs=pairs)
     items = "".join(f"<li>{html.escape(x.strip())}</li>" for x in claims_headline(result)[1:])
     items += "".join(f"<li>recomputed {html.escape(m.label)}: {html.escape(m.recomputed or '')}</li>"
                      for m in result.recomputed)

@@ -15,7 +15,6 @@ Output: :class:`Tree` with typed edges, ``to_dict()``, :func:`render_text` and
 
 from __future__ import annotations
 
-import html
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,9 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger(__name__)
 
 ROOT = "__root__"
+#: Relation of an undirected link between two models neither of which looks like the other's
+#: ancestor (a common ancestor outside the set): drawn as siblings, never as a derivation.
+SIBLING = "sibling"
 #: Extra cost (× direction_weight) of an edge whose link is ``between``.
 BETWEEN_PENALTY = 0.5
 
@@ -45,6 +47,8 @@ class Link:
     one_way: bool = False
     #: which evidence decided the direction (e.g. "grid", "variance_growth"), when known
     decided_by: str | None = None
+    #: log10 p-value of the relatedness test behind the link, when known
+    log10_p: float | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,11 @@ class Edge:
     confidence: float
     #: further parents of a merge child (``relation == "merge"``); ``parent`` is the main one
     other_parents: tuple[str, ...] = ()
+    #: False when no evidence says which side is the parent (e.g. fingerprint links, siblings):
+    #: the edge joins the two models but ``parent``/``child`` is only the drawing order
+    directed: bool = True
+    #: log10 p-value of the link's relatedness test, when known
+    log10_p: float | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -219,11 +228,12 @@ def build_tree(
         lk = info[(p, v)]
         if v in merges:
             out_edges.append(Edge(p, v, "merge", lk.distance, max(lk.confidence, 0.9),
-                                  tuple(x for x in merges[v] if x != p)))
+                                  tuple(x for x in merges[v] if x != p), log10_p=lk.log10_p))
             continue
-        out_edges.append(Edge(p, v, lk.relation, lk.distance,
+        sibling = lk.parent is None and (lk.between or lk.relation == SIBLING)
+        out_edges.append(Edge(p, v, SIBLING if sibling else lk.relation, lk.distance,
                               lk.confidence if lk.parent == p else 0.0 if lk.parent is None
-                              else -lk.confidence))
+                              else -lk.confidence, directed=lk.parent is not None, log10_p=lk.log10_p))
     fams = []
     for r in roots:
         fam, stack = [], [r]
@@ -239,84 +249,8 @@ def build_tree(
 # ----------------------------------------------------------------------------- rendering
 
 
-def render_text(tree: Tree) -> str:
-    """Indented text drawing, one family after another."""
-    lines: list[str] = []
-
-    def walk(node: str, prefix: str, last: bool, edge: Edge | None, top: bool) -> None:
-        label = node if edge is None else f"{node}  [{edge.relation}, d={edge.distance:.3g}]"
-        if edge is not None and edge.other_parents:
-            label += f"  (also from {', '.join(edge.other_parents)})"
-        lines.append(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
-        kids = [e for e in tree.edges if e.parent == node]
-        kids.sort(key=lambda e: e.child)
-        sub = prefix if top else prefix + ("    " if last else "│   ")
-        for i, e in enumerate(kids):
-            walk(e.child, sub, i == len(kids) - 1, e, False)
-
-    for r in tree.roots:
-        walk(r, "", True, None, True)
-    return "\n".join(lines)
 
 
-def _layout(tree: Tree) -> dict[str, tuple[float, int]]:
-    pos: dict[str, tuple[float, int]] = {}
-    slot = [0]
-
-    def place(node: str, depth: int) -> float:
-        kids = tree.children_of(node)
-        if not kids:
-            x = float(slot[0])
-            slot[0] += 1
-        else:
-            xs = [place(k, depth + 1) for k in kids]
-            x = (xs[0] + xs[-1]) / 2
-        pos[node] = (x, depth)
-        return x
-
-    for r in tree.roots:
-        place(r, 0)
-        slot[0] += 0.5
-    return pos
-
-
-def render_html(tree: Tree, title: str = "lineage family tree") -> str:
-    """A self-contained HTML page with the tree drawn as inline SVG."""
-    pos = _layout(tree)
-    dx, dy, mx, my = 170, 90, 90, 50
-    width = int(max((x for x, _ in pos.values()), default=0) * dx + 2 * mx)
-    height = int(max((d for _, d in pos.values()), default=0) * dy + 2 * my)
-    colours = {"fine-tune": "#1f77b4", "lora merge": "#2ca02c", "quantised copy": "#9467bd",
-               "continued pre-training": "#d62728", "merge": "#ff7f0e", "pruned": "#8c564b",
-               "identical": "#7f7f7f"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'font-family="sans-serif" font-size="12">',
-             '<defs><marker id="arr" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
-             'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>']
-
-    def xy(n: str) -> tuple[float, float]:
-        x, d = pos[n]
-        return mx + x * dx, my + d * dy
-
-    for e in tree.edges:
-        (x1, y1), (x2, y2) = xy(e.parent), xy(e.child)
-        col = colours.get(e.relation, "#555")
-        parts.append(f'<line x1="{x1:.1f}" y1="{y1 + 14:.1f}" x2="{x2:.1f}" y2="{y2 - 16:.1f}" '
-                     f'stroke="{col}" stroke-width="2" marker-end="url(#arr)"/>')
-        parts.append(f'<text x="{(x1 + x2) / 2 + 4:.1f}" y="{(y1 + y2) / 2:.1f}" fill="{col}">'
-                     f'{html.escape(e.relation)}</text>')
-        for q in e.other_parents:  # second parent of a merge: dashed
-            if q in pos:
-                (x3, y3) = xy(q)
-                parts.append(f'<line x1="{x3:.1f}" y1="{y3 + 14:.1f}" x2="{x2:.1f}" y2="{y2 - 16:.1f}" '
-                             f'stroke="{col}" stroke-width="2" stroke-dasharray="5,4" marker-end="url(#arr)"/>')
-    for n in tree.nodes:
-        x, y = xy(n)
-        parts.append(f'<rect x="{x - 75:.1f}" y="{y - 14:.1f}" width="150" height="28" rx="6" '
-                     f'fill="#f4f4f4" stroke="#333"/>')
-        parts.append(f'<text x="{x:.1f}" y="{y + 4:.1f}" text-anchor="middle">'
-                     f'{html.escape(n if len(n) <= 22 else n[:20] + "…")}<title>{html.escape(n)}</title></text>')
-    parts.append("</svg>")
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title)
-            + "</title></head><body><h1>" + html.escape(title) + "</h1>\n" + "\n".join(parts)
-            + "\n</body></html>\n")
+# ----------------------------------------------------------------------------- rendering
+# (drawn in lineage.tree_draw; re-exported here, where callers have always found them)
+from lineage.tree_draw import render_html, render_text  # noqa: E402,F401

@@ -81,7 +81,9 @@ def test_demo_gives_the_planted_verdicts(capsys: pytest.CaptureFixture[str]) -> 
     """`lineage demo` (the README's first command) on the small zoo: each pair comes out as planted."""
     code, out, _ = run(["demo", "--json"], capsys)
     assert code == 0
-    docs = json.loads(out)
+    doc = json.loads(out)
+    assert doc["schema"] == "lineage.demo/1" and doc["version"]
+    docs = doc["reports"]
     rel = [d["verdict"]["relation"] for d in docs]
     assert rel == ["fine-tune", "unrelated", "fine-tune (disguised)", "lora merge"]
     assert [d["verdict"]["derived"] for d in docs] == [True, False, True, True]

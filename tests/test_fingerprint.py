@@ -23,7 +23,7 @@ from lineage.fingerprint import (
     save_fingerprint,
 )
 from lineage.io.checkpoint import open_checkpoint
-from lineage.pairing import roles_for
+from lineage.roles import roles_for
 from lineage.stattest import ks_uniform
 from lineage.testing import transforms as T
 from lineage.testing.derive import drop_layers

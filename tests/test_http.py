@@ -187,3 +187,23 @@ def test_concurrent_reads_share_one_source(server):
     assert all(o == DATA[a : a + n] for o, (a, n) in zip(out, spans))
     assert src.bytes_read == 40 * 5000
     assert src.connections_opened <= 2 * 4
+
+
+def test_429_on_a_range_read_honours_retry_after(server):
+    server.add_fault("/_cdn/", "429", times=1, seconds=0.5)
+    src = HttpRangeSource(url(server), size=len(DATA), options=FAST)  # FAST backs off 0.01 s
+    t = time.monotonic()
+    assert src.read(10, 100) == DATA[10:110]
+    assert time.monotonic() - t >= 0.5 and src.retries == 1
+
+
+@pytest.mark.parametrize("times", [1, None])
+def test_wrong_content_range_is_retried_then_refused(server, times):
+    server.add_fault("/_cdn/", "badrange", times=times)
+    src = HttpRangeSource(url(server), size=len(DATA), options=FAST)
+    if times == 1:
+        assert src.read(1000, 100) == DATA[1000:1100] and src.retries == 1
+    else:
+        with pytest.raises(RemoteError, match="server sent range"):
+            src.read(1000, 100)
+        assert src.retries == FAST.retries

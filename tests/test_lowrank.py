@@ -115,7 +115,7 @@ def test_summary_names_modules_and_rank():
     results, summ = lowrank_modules(pairs)
     assert summ.kind == "low-rank" and summ.rank == 4
     assert set(summ.modules) == {k for k in base if ".q." in k or ".v." in k}
-    assert "attn.q in layers 0-2" in summ.description and "attn.v in layers 0-2" in summ.description
+    assert "attn.q, attn.v in layers 0-2" in summ.description
     assert results["L0.attn.k.weight"].status == "rounding"
     assert summ.to_dict()["kind"] == "low-rank"
     assert summarise({}).kind == "unchanged"

@@ -133,8 +133,14 @@ def test_scan_cli_json_and_bad_source(scan_dir: Path, tmp_path: Path, capsys) ->
 
     with pytest.raises(SystemExit) as e:
         main(["scan", str(scan_dir), "--json", "--no-progress", "--cache-dir", str(tmp_path / "fp")])
+    failed = json.loads(capsys.readouterr().out)
+    # a model that failed makes the scan exit 3, unless --keep-going
+    assert e.value.code == (3 if any(not m["ok"] for m in failed["models"]) else 0)
+    with pytest.raises(SystemExit) as e:
+        main(["scan", str(scan_dir), "--json", "--no-progress", "--keep-going", "--cache-dir", str(tmp_path / "fp")])
     assert e.value.code == 0
     d = json.loads(capsys.readouterr().out)
+    assert d["schema"] == "lineage.scan/1" and d["version"]
     assert {(p["a"], p["b"]) for p in d["pairs"]} == EXPECTED_LINKS
     with pytest.raises(SystemExit) as e:
         main(["scan", str(tmp_path / "nothing-here"), "--no-progress"])

@@ -24,7 +24,9 @@ import torch
 
 from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
 from lineage.io.dtypes import DTYPES
+from lineage.io.provenance import FileIntegrity, HubProvenance
 from lineage.io.safetensors import SafetensorsEntry, header_length, parse_header
+from lineage.io.selection import note_skipped, select_safetensors
 from lineage.io.sources import ByteSource, LocalFileSource
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class Checkpoint:
     tokenizer_dir: str | None = None
     _vocab: list[str] | None = field(default=None, repr=False)
     _vocab_loaded: bool = field(default=False, repr=False)
+    #: For Hub references: repo id, revision, resolved commit and files read.
+    provenance: HubProvenance | None = None
+    #: Weight files beside the chosen ones that were not loaded (e.g. a float32 copy).
+    skipped_files: tuple[str, ...] = ()
 
     # -- reading ---------------------------------------------------------------
     def read_raw(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -131,6 +137,14 @@ class Checkpoint:
     def bytes_read(self) -> int:
         """Bytes read from all sources so far (headers included)."""
         return sum(s.bytes_read for s in self.sources)
+
+    def file_integrity(self) -> tuple[FileIntegrity, ...]:
+        """Per source file: were its bytes verified against a published hash (see :mod:`lineage.io.provenance`)?"""
+        out = []
+        for s in self.sources:
+            check = getattr(s, "integrity", None)
+            out.append(check() if callable(check) else FileIntegrity(s.name, s.size, "local"))
+        return tuple(out)
 
     def in_file_order(self, names: list[str] | None = None) -> list[str]:
         """The given tensor names (default: all) sorted by (file, offset)."""
@@ -246,24 +260,28 @@ def _has_tokenizer(folder: Path) -> bool:
 
 
 def open_local_safetensors(ref: str) -> Checkpoint | None:
-    """A ``.safetensors`` file, or a folder with one file or an index of shards."""
+    """A ``.safetensors`` file, or a folder: its index of shards, else ``model.safetensors`` (see :func:`select_safetensors`)."""
     path = Path(ref)
+    skipped: list[str] = []
     if path.is_file() and path.suffix == ".safetensors":
         folder, files = path.parent, [path]
     elif path.is_dir():
         folder = path
         index = path / "model.safetensors.index.json"
+        names = [f.name for f in path.glob("*.safetensors")]
         if index.is_file():
             files = _shards_from_index(index)
+            _, skipped = select_safetensors(names, [f.name for f in files])
         else:
-            files = sorted(path.glob("*.safetensors"))
-            files = [f for f in files if not f.name.startswith("adapter_model")]
-            if not files:
+            chosen, skipped = select_safetensors(names)
+            if not chosen:
                 return None
+            files = [path / n for n in chosen]
     else:
         return None
     sources: list[ByteSource] = [LocalFileSource(f) for f in files]
     ckpt = open_safetensors_sources(ref, sources)
+    note_skipped(ckpt, skipped, ref)
     ckpt.config = load_config(folder)
     ckpt.tokenizer_dir = str(folder) if _has_tokenizer(folder) else None
     if path.is_dir() and (path / "model.safetensors.index.json").is_file():

@@ -123,10 +123,13 @@ def discover_hub_org(org: str, *, limit: int | None = None) -> list[ModelEntry]:
     from huggingface_hub import HfApi
 
     from lineage.io.hub import HubOptions, _remote_error
+    from lineage.io.hubapi import check_reachable
 
     opts = HubOptions.from_env()
     if opts.offline:
-        raise ConfigError("HF_HUB_OFFLINE is set: cannot list a Hub organisation")
+        raise ConfigError(f"org:{org}: HF_HUB_OFFLINE is set, so the models of a Hub organisation cannot be listed")
+    # one TCP connection first: a refused or unknown endpoint fails now, not after the client's five retries
+    check_reachable(opts.endpoint, min(10.0, opts.http.stall_timeout))
     try:
         models = list(HfApi(endpoint=opts.endpoint, token=opts.token).list_models(author=org, limit=limit))
     except Exception as e:  # noqa: BLE001 - every Hub failure becomes a typed, one-line error
@@ -158,6 +161,12 @@ def discover(sources: Sequence[str]) -> list[ModelEntry]:
     return out
 
 
+def _is_hub_id(src: str) -> bool:
+    from lineage.io.hub import parse_hub_ref
+
+    return parse_hub_ref(src) is not None
+
+
 def _one(src: str) -> Iterator[ModelEntry]:
     if src == "hf-cache" or src.startswith("hf-cache:"):
         yield from discover_hf_cache(src.split(":", 1)[1] if ":" in src else None)
@@ -165,7 +174,7 @@ def _one(src: str) -> Iterator[ModelEntry]:
         yield from discover_hub_org(src[4:])
     elif Path(src).exists():
         yield from discover_folder(src)
-    elif re.fullmatch(r"(hf://)?[\w.-]+/[\w.-]+(@[\w./-]+)?", src):
+    elif _is_hub_id(src):
         yield ModelEntry(src, src.removeprefix("hf://"), "hub")
     else:
         raise ConfigError(f"{src}: not a file, folder, hf-cache[:PATH], org:NAME or Hub id")

@@ -8,7 +8,7 @@ the tests check this parser against it).  Quantised blocks are dequantised with
 
 Conventions on read:
 
-- Tensor names stay GGUF names (``blk.0.attn_q.weight``); :mod:`lineage.pairing`
+- Tensor names stay GGUF names (``blk.0.attn_q.weight``); :mod:`lineage.roles`
   maps them to roles.
 - Shapes are GGUF ``ne`` reversed, so linear weights are ``(out, in)`` and the
   embedding is ``(vocab, hidden)``; rows are contiguous and quantisation blocks run

@@ -15,15 +15,19 @@ more than the socket's granularity.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 from lineage.errors import ConfigError, RemoteError
+from lineage.io.httppool import ConnectionPool
+from lineage.io.transfer import Transfer
 
 log = logging.getLogger(__name__)
 
@@ -61,41 +65,19 @@ class HttpOptions:
 
 
 class _Retry(Exception):
-    """An attempt failed in a way worth retrying (internal)."""
+    """An attempt failed in a way worth retrying (internal); ``wait``: the server's ``Retry-After``."""
+
+    def __init__(self, message: str, wait: float = 0.0) -> None:
+        super().__init__(message)
+        self.wait = wait
 
 
-class _ConnectionPool:
-    """Idle keep-alive connections per (scheme, host, port), shared by threads."""
-
-    def __init__(self) -> None:
-        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
-        self.opened = 0
-
-    def get(self, scheme: str, host: str, port: int, timeout: float) -> http.client.HTTPConnection:
-        key = (scheme, host, port)
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                conn = idle.pop()
-                conn.timeout = timeout
-                if conn.sock is not None:
-                    conn.sock.settimeout(timeout)
-                return conn
-            self.opened += 1
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-        return cls(host, port, timeout=timeout)
-
-    def put(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            self._idle.setdefault((scheme, host, port), []).append(conn)
-
-    def close(self) -> None:
-        with self._lock:
-            conns = [c for v in self._idle.values() for c in v]
-            self._idle.clear()
-        for c in conns:
-            c.close()
+def _retry_after(resp: http.client.HTTPResponse) -> float:
+    """Seconds from a ``Retry-After`` header (0 when absent or an HTTP date), at most 120."""
+    try:
+        return min(120.0, max(0.0, float(resp.getheader("Retry-After") or 0)))
+    except ValueError:
+        return 0.0
 
 
 def _split(url: str) -> tuple[str, str, int, str]:
@@ -115,7 +97,8 @@ class HttpRangeSource:
     ``size`` may be given (e.g. from the Hub's file listing); otherwise the first
     access to :attr:`size` issues a one-byte range request and reads the total
     from ``Content-Range``.  ``token`` is sent as a bearer token to the host of
-    ``url`` only (never to a redirect target on another host).
+    ``url`` only (never to a redirect target on another host).  A shared ``transfer``
+    bounds the network time of all files of one model and reports progress.
     """
 
     def __init__(
@@ -126,15 +109,19 @@ class HttpRangeSource:
         token: str | None = None,
         options: HttpOptions | None = None,
         name: str | None = None,
+        transfer: Transfer | None = None,
     ) -> None:
         _split(url)  # validate early
+        self.transfer = transfer
+        #: ``X-Linked-Etag`` of the Hub's redirect (for LFS files: their SHA-256), once seen.
+        self.linked_etag: str | None = None
         self.url = url
         self.name = name or url
         self.options = options or HttpOptions()
         self._token = token
         self._size = size
         self._resolved: str | None = None  # remembered redirect target
-        self._pool = _ConnectionPool()
+        self._pool = ConnectionPool()
         self._lock = threading.Lock()
         self._bytes_read = 0
         #: Requests sent (including redirects and retries) and retries made.
@@ -174,11 +161,29 @@ class HttpRangeSource:
             )
         if length == 0:
             return
+        with self._timed() as deadline:
+            step = self.options.max_request_bytes
+            for s in range(0, length, step):
+                e = min(length, s + step)
+                self._fetch(offset + s, view[s:e], deadline)
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[float]:
+        """The deadline of one read call; network time and bytes charged to the model's transfer."""
         deadline = time.monotonic() + self.options.deadline
-        step = self.options.max_request_bytes
-        for s in range(0, length, step):
-            e = min(length, s + step)
-            self._fetch(offset + s, view[s:e], deadline)
+        if self.transfer is None:
+            yield deadline
+            return
+        self.transfer.begin()
+        before = self._bytes_read
+        try:
+            yield min(deadline, time.monotonic() + self.transfer.remaining())
+        except RemoteError as e:
+            if self.transfer.remaining() <= 0:
+                raise self.transfer.expired() from e
+            raise
+        finally:
+            self.transfer.end(self._bytes_read - before)
 
     def close(self) -> None:
         self._closed = True
@@ -195,9 +200,9 @@ class HttpRangeSource:
 
     # -- internals ---------------------------------------------------------------
     def _probe_size(self) -> int:
-        deadline = time.monotonic() + self.options.deadline
         box: dict[str, int] = {}
-        self._with_retries(lambda: self._attempt(0, None, deadline, box), deadline, 0, 1)
+        with self._timed() as deadline:
+            self._with_retries(lambda: self._attempt(0, None, deadline, box), deadline, 0, 1)
         if "total" not in box:
             raise RemoteError("server did not report the file size", path=self.name)
         return box["total"]
@@ -215,7 +220,7 @@ class HttpRangeSource:
 
     def _with_retries(self, attempt, deadline: float, offset: int, length: int) -> None:
         delay = self.options.backoff
-        last = ""
+        last, server_wait = "", 0.0
         for i in range(self.options.retries + 1):
             if self._closed:
                 raise RemoteError("source is closed", path=self.name)
@@ -223,13 +228,13 @@ class HttpRangeSource:
                 attempt()
                 return
             except _Retry as e:
-                last = str(e)
+                last, server_wait = str(e), e.wait
             remaining = deadline - time.monotonic()
             if i == self.options.retries or remaining <= 0:
                 break
             with self._lock:
                 self.retries += 1
-            wait = min(delay, self.options.max_backoff, remaining)
+            wait = min(max(server_wait, min(delay, self.options.max_backoff)), remaining)
             log.info("%s: %s; retry %d/%d in %.2fs", self.name, last, i + 1,
                      self.options.retries, wait)
             time.sleep(wait)
@@ -272,6 +277,9 @@ class HttpRangeSource:
                 status = resp.status
                 if status in _REDIRECTS:
                     loc = resp.getheader("Location")
+                    etag = (resp.getheader("X-Linked-Etag") or "").strip().strip('"')
+                    if etag:
+                        self.linked_etag = etag  # the LFS SHA-256 on the Hub
                     resp.read()
                     reusable = not resp.will_close
                     if not loc:
@@ -301,7 +309,7 @@ class HttpRangeSource:
                     )
                 if status in _RETRY_STATUS:
                     resp.read()
-                    raise _Retry(f"HTTP {status}")
+                    raise _Retry(f"HTTP {status}", _retry_after(resp))
                 if status not in (200, 206):
                     raise RemoteError(f"unexpected HTTP {status} {resp.reason}", path=self.name)
                 if url != self.url:
@@ -335,14 +343,16 @@ class HttpRangeSource:
             try:
                 unit, _, rest = cr.partition(" ")
                 span, _, tot = rest.partition("/")
-                first = int(span.split("-")[0])
+                first, _, last = span.partition("-")
+                first_i, last_i = int(first), int(last)
                 total = None if tot == "*" else int(tot)
             except ValueError:
-                raise RemoteError(f"malformed Content-Range {cr!r}", path=self.name) from None
-            if unit != "bytes" or first != start:
-                raise RemoteError(
-                    f"server sent range {cr!r} for a request starting at {start}", path=self.name
-                )
+                raise _Retry(f"malformed Content-Range {cr!r}") from None
+            want_last = start + (view.nbytes if view is not None else 1) - 1
+            size_ok = total is None or self._size is None or total == self._size  # else: reported below
+            if unit != "bytes" or first_i != start or (last_i != want_last and size_ok):
+                # a wrong range is retried: the bytes would land at the wrong offsets
+                raise _Retry(f"server sent range {cr!r} for a request of bytes {start}-{want_last}")
         else:  # 200: the whole file
             cl = resp.getheader("Content-Length")
             total = int(cl) if cl and cl.isdigit() else None
@@ -364,11 +374,11 @@ class HttpRangeSource:
                 self._bytes_read += n
             return 0
         if total is not None and self._size is not None and total != self._size:
-            raise RemoteError(
-                f"remote file is {total} bytes but {self._size} were expected "
-                f"(changed or truncated upload)",
-                path=self.name,
-            )
+            msg = (f"remote file is {total} bytes but {self._size} were expected "
+                   f"(changed or truncated upload, or a wrong Content-Range)")
+            if status == 206:
+                raise _Retry(msg)  # a wrong Content-Range may be transient
+            raise RemoteError(msg, path=self.name)
         assert view is not None
         want = view.nbytes
         got = 0

@@ -109,6 +109,19 @@ class SpilledSource:
                 self._disabled = True
                 self.inner.readinto(offset, view)
 
+    def held_until(self, offset: int) -> int:
+        """End of the stored interval that contains ``offset`` (``offset`` itself when not stored)."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            if i >= 0 and self._ends[i] > offset and not self._disabled:
+                return self._ends[i]
+            return offset
+
+    def read_held(self, offset: int, view: memoryview) -> None:
+        """Read stored bytes (all of ``[offset, offset + len)`` must be held) from the spill file."""
+        with self._lock:
+            self._pread(offset, view)
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:

@@ -58,9 +58,11 @@ class CacheEntryError(LineageError):
 
 
 def default_db_path() -> Path:
-    """``$LINEAGE_CACHE/registry.sqlite`` (default cache ``~/.cache/lineage``): the one place that decides it."""
-    env = os.environ.get("LINEAGE_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "lineage") / "registry.sqlite"
+    """``registry.sqlite`` in lineage's cache (:func:`lineage.io.cachedir.cache_root`: ``$LINEAGE_CACHE``,
+    else ``$XDG_CACHE_HOME/lineage``, else ``~/.cache/lineage``): the one place that decides it."""
+    from lineage.io.cachedir import cache_path
+
+    return cache_path("registry.sqlite")
 
 
 def content_hash(data: bytes) -> str:

@@ -549,8 +549,13 @@ def compress_modules(names: list[str] | tuple[str, ...]) -> str:
             runs.append(f"{start}" if start == prev else f"{start}-{prev}")
             if x is not None:
                 start = prev = x
-        parts.append(f"{suffix} in layers {','.join(runs)}")
-    return "; ".join(parts + sorted(others))
+        parts.append((suffix, ",".join(runs)))
+    # modules sharing one layer set are written once: "attn.o, attn.q in layers 0-1"
+    grouped: dict[str, list[str]] = {}
+    for suffix, runs_text in parts:
+        grouped.setdefault(runs_text, []).append(suffix)
+    text = [f"{', '.join(sfx)} in layer{'s' if ('-' in r or ',' in r) else ''} {r}" for r, sfx in grouped.items()]
+    return "; ".join(text + sorted(others))
 
 
 def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = False) -> LowRankSummary:

@@ -17,10 +17,16 @@ Revisions: ``main`` and the repo's commit hash (a sha1 of its file list and size
 Gated repos answer 401 unless the request carries ``Authorization: Bearer <token>``.
 
 Faults are injected with :meth:`HubServer.add_fault`: a rule matches a path substring
-and fires ``times`` times (``None`` = always).  Kinds: ``drop`` (close the connection
+and fires ``times`` times (``None`` = always), after letting ``after`` matching requests through.  Kinds: ``drop`` (close the connection
 without answering), ``slow`` (sleep ``seconds`` before answering), ``drip`` (send the
-body slowly), ``404``, ``401``, ``500``, ``truncate`` (send half the promised body,
-then close), ``norange`` (ignore ``Range`` and answer 200 with the whole file).
+body slowly), ``404``, ``401``, ``500``, ``429`` (with ``Retry-After: seconds``), ``truncate``
+(send half the promised body, then close), ``norange`` (ignore ``Range`` and answer 200 with
+the whole file), ``alter`` (a correct 206 whose body has one byte flipped), ``badrange``
+(a 206 whose ``Content-Range`` names a span one byte later than the one sent).
+
+LFS files carry their real SHA-256 (``lfs.sha256`` in the model info, ``X-Linked-Etag``),
+computed once per file version; files over ``hash_limit`` bytes (e.g. sparse multi-GB
+test files) are listed without one, as if the Hub had none.
 
 Stats: ``connections`` (TCP connections accepted), ``requests`` (list of
 ``(method, path, range)``), ``bytes_sent`` (body bytes).
@@ -53,9 +59,14 @@ class Fault:
     times: int | None = 1
     seconds: float = 0.0
     method: str | None = None
+    #: Matching requests let through untouched before the fault starts firing.
+    after: int = 0
 
     def take(self, method: str, path: str) -> bool:
         if self.match not in path or (self.method and self.method != method):
+            return False
+        if self.after > 0:
+            self.after -= 1
             return False
         if self.times is None:
             return True
@@ -82,8 +93,11 @@ class _QuietServer(ThreadingHTTPServer):
 class HubServer:
     """Serve ``root`` on 127.0.0.1 (random port) in a background thread."""
 
-    def __init__(self, root: str | os.PathLike[str], *, gated: dict[str, str] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, gated: dict[str, str] | None = None,
+                 hash_limit: int = 256 << 20) -> None:
         self.root = Path(root)
+        self.hash_limit = hash_limit
+        self._sha256: dict[tuple[str, int, int], str] = {}
         self.gated = dict(gated or {})  # repo_id -> accepted token
         self.faults: list[Fault] = []
         self.connections = 0
@@ -124,8 +138,8 @@ class HubServer:
         self.stop()
 
     def add_fault(self, match: str, kind: str, times: int | None = 1, seconds: float = 0.0,
-                  method: str | None = None) -> Fault:
-        f = Fault(match, kind, times, seconds, method)
+                  method: str | None = None, after: int = 0) -> Fault:
+        f = Fault(match, kind, times, seconds, method, after)
         with self._lock:
             self.faults.append(f)
         return f
@@ -156,6 +170,24 @@ class HubServer:
 
     def blob_sha(self, p: Path) -> str:
         return _fake_blob_sha(p)
+
+    def lfs_sha256(self, p: Path) -> str | None:
+        """The file's real SHA-256 (cached per version), or None above ``hash_limit``."""
+        st = p.stat()
+        if st.st_size > self.hash_limit:
+            return None
+        key = (str(p), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            hit = self._sha256.get(key)
+        if hit is None:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            hit = h.hexdigest()
+            with self._lock:
+                self._sha256[key] = hit
+        return hit
 
     def commit(self, repo: Path) -> str:
         h = hashlib.sha1()
@@ -218,9 +250,11 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if fault.kind == "slow":
                 time.sleep(fault.seconds)
-            elif fault.kind in ("404", "401", "500"):
+            elif fault.kind in ("404", "401", "500", "429"):
                 self.close_connection = False
-                self._error(int(fault.kind), "Injected", f"injected {fault.kind}")
+                extra = {"Retry-After": f"{fault.seconds:g}"} if fault.kind == "429" else {}
+                self._send_json(int(fault.kind), {"error": f"injected {fault.kind}"},
+                                {"X-Error-Code": "Injected", "X-Error-Message": f"injected {fault.kind}", **extra})
                 return
         try:
             self._route(path, parse_qs(parts.query), fault)
@@ -265,9 +299,9 @@ class _Handler(BaseHTTPRequestHandler):
             size = p.stat().st_size
             out["size"] = size
             out["blobId"] = self.hub.blob_sha(p)
-            if rel.endswith(LFS_SUFFIXES):
-                out["lfs"] = {"sha256": hashlib.sha256(rel.encode()).hexdigest(), "size": size,
-                              "pointerSize": 134}
+            sha = self.hub.lfs_sha256(p) if rel.endswith(LFS_SUFFIXES) else None
+            if sha is not None:
+                out["lfs"] = {"sha256": sha, "size": size, "pointerSize": 134}
         return out
 
     def _list_models(self, query: dict[str, list[str]]) -> None:
@@ -318,9 +352,9 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             item: dict[str, object] = {"type": "file", "oid": self.hub.blob_sha(p), "size": p.stat().st_size,
                                        "path": rel}
-            if rel.endswith(LFS_SUFFIXES):
-                item["lfs"] = {"oid": hashlib.sha256(rel.encode()).hexdigest(), "size": p.stat().st_size,
-                               "pointerSize": 134}
+            sha = self.hub.lfs_sha256(p) if rel.endswith(LFS_SUFFIXES) else None
+            if sha is not None:
+                item["lfs"] = {"oid": sha, "size": p.stat().st_size, "pointerSize": 134}
             items.append(item)
         self._send_json(200, items)
 
@@ -337,10 +371,11 @@ class _Handler(BaseHTTPRequestHandler):
         etag = f'"{self.hub.blob_sha(p)}"'
         headers = {"X-Repo-Commit": commit, "ETag": etag, "Accept-Ranges": "bytes"}
         if rel.endswith(LFS_SUFFIXES):
+            sha = self.hub.lfs_sha256(p)
             headers.update({
                 "Location": f"{self.hub.cdn_endpoint}/_cdn/{repo_id}/{commit}/{rel}",
                 "X-Linked-Size": str(size),
-                "X-Linked-Etag": etag,
+                "X-Linked-Etag": f'"{sha}"' if sha else etag,
                 "Content-Length": "0",
             })
             self.send_response(302)
@@ -382,7 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Length", str(length))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+            shift = 1 if fault is not None and fault.kind == "badrange" else 0
+            self.send_header("Content-Range", f"bytes {start + shift}-{end + shift}/{size}")
         self.end_headers()
         if self.command == "HEAD":
             return
@@ -392,10 +428,14 @@ class _Handler(BaseHTTPRequestHandler):
         with open(p, "rb") as f:
             f.seek(start)
             left = send
+            first = True
             while left > 0:
                 chunk = f.read(min(left, 1 << 16 if not (fault and fault.kind == "drip") else 64))
                 if not chunk:
                     break
+                if first and fault is not None and fault.kind == "alter" and status == 206:
+                    chunk = bytes([chunk[0] ^ 0x55]) + chunk[1:]  # same length, headers correct
+                first = False
                 self.wfile.write(chunk)
                 with self.hub._lock:
                     self.hub.bytes_sent += len(chunk)

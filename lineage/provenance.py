@@ -1,0 +1,187 @@
+"""What a report was computed from, and how: file hashes, sizes, tool version, options, seeds.
+
+A verdict may end up in a takedown notice or in the reply to one, so every report records
+enough for someone else to check it: a BLAKE3 digest and the size of every local file the
+comparison read (weights, config, tokenizer), the tool and library versions, the options and
+seeds, and the method text.  ``lineage verify REPORT.json`` re-hashes the files and re-runs the
+comparison (:mod:`lineage.verify`).
+
+Hashing is a sequential pass over each file on a background thread while the comparison runs
+(:func:`lineage.verify.compare_recorded`; both read the same files and the page cache shares the
+reads), not yet inside the comparison's own read pass; its duration is recorded in
+``Provenance.hash_seconds`` and the way it ran in ``Provenance.hash_pass``.  BLAKE3 is used (multi-threaded, memory
+mapped): no Hub hash has to be matched for a local file.  Remote files (Hub, URLs) are listed
+with ``algorithm = "remote"`` and no digest: their identity is the Hub's (repo id, commit and
+LFS SHA-256, recorded by :mod:`lineage.io.hub`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "lineage.provenance/1"
+ALGORITHM = "blake3"
+#: Files beside the weights that a comparison may read (config, tokenizer, adapter config).
+SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+              "merges.txt", "adapter_config.json", "special_tokens_map.json", "generation_config.json")
+HASH_PASS_CONCURRENT = ("sequential pass per file on a background thread, concurrent with the comparison "
+                        "(the page cache shares the reads)")
+HASH_PASS_AFTER = "separate sequential pass after the comparison"
+#: Fixed seeds of the randomised steps (probe frames, permutation nulls, randomised SVDs).
+SEEDS: Mapping[str, int] = {"canon.frame": 0, "canon.permutation_null": 0, "randomized_svd": 0,
+                            "lowrank": 0, "merge.fit": 0}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file read: which model side, where, how big, and its digest."""
+
+    side: str
+    path: str
+    size: int
+    algorithm: str
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Inputs and settings of one report (JSON under ``provenance``)."""
+
+    tool: str
+    version: str
+    command: str
+    inputs: dict[str, str]
+    files: tuple[FileRecord, ...]
+    options: dict[str, Any]
+    seeds: dict[str, int]
+    method: str
+    environment: dict[str, str]
+    created_utc: str
+    hash_seconds: float
+    hash_pass: str = "separate sequential pass"
+    schema: str = SCHEMA
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return asdict(self)
+
+
+def hash_file(path: str | os.PathLike[str]) -> str:
+    """BLAKE3 hex digest of a local file (memory mapped, multi-threaded)."""
+    import blake3
+
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if os.path.getsize(path) == 0:
+        return h.hexdigest()
+    h.update_mmap(os.fspath(path))
+    return h.hexdigest()
+
+
+def local_files(ref: str) -> list[Path]:
+    """The local files a comparison of ``ref`` reads (weights and side files); empty when remote."""
+    p = Path(ref)
+    if not p.exists():
+        return []
+    if p.is_file():
+        return [p]
+    files: list[Path] = []
+    try:
+        from lineage.io.checkpoint import open_checkpoint
+
+        ckpt = open_checkpoint(ref)
+        files = [Path(s.name) for s in ckpt.sources if Path(s.name).is_file()]
+        for s in ckpt.sources:
+            close = getattr(s, "close", None)
+            if close is not None:
+                close()
+    except Exception as e:  # an adapter folder or an unreadable one: hash what is there
+        log.debug("provenance: %s not opened as a checkpoint (%s); hashing its weight files", ref, e)
+        files = sorted(x for x in p.iterdir() if x.suffix in (".safetensors", ".gguf", ".bin", ".pt", ".json"))
+    files += [p / n for n in SIDE_FILES if (p / n).is_file() and p / n not in files]
+    return sorted(dict.fromkeys(files))
+
+
+def hash_inputs(inputs: Mapping[str, str]) -> tuple[tuple[FileRecord, ...], float]:
+    """Records of every file of every input (``side -> ref``) and the seconds the hashing took."""
+    t0 = time.perf_counter()
+    out: list[FileRecord] = []
+    for side, ref in inputs.items():
+        files = local_files(ref)
+        if not files:
+            out.append(FileRecord(side, ref, 0, "remote", None))
+            continue
+        for f in files:
+            out.append(FileRecord(side, str(f.resolve()), f.stat().st_size, ALGORITHM, hash_file(f)))
+    return tuple(out), time.perf_counter() - t0
+
+
+def tool_version() -> str:
+    """The installed version of this package."""
+    from lineage import __version__
+
+    return __version__
+
+
+def _environment() -> dict[str, str]:
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("torch", "numpy", "safetensors"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            pass
+    return env
+
+
+def collect(command: str, inputs: Mapping[str, str], options: Mapping[str, Any], method: str,
+            extra: Mapping[str, Any] | None = None,
+            hashed: tuple[tuple[FileRecord, ...], float] | None = None) -> Provenance:
+    """Record hashes, versions, options, seeds and method text for one report.
+
+    ``hashed``: the result of :func:`hash_inputs` when it already ran (concurrently with the
+    comparison); otherwise the inputs are hashed now, after it.
+    """
+    files, secs = hashed if hashed is not None else hash_inputs(inputs)
+    how = HASH_PASS_CONCURRENT if hashed is not None else HASH_PASS_AFTER
+    size = sum(f.size for f in files)
+    log.info("provenance: hashed %d files (%d bytes) in %.2f s", len(files), size, secs)
+    return Provenance(
+        tool="lineage", version=tool_version(), command=command, inputs=dict(inputs), files=files,
+        options=dict(options), seeds=dict(SEEDS), method=method, environment=_environment(),
+        created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        hash_seconds=round(secs, 4), hash_pass=how, extra=dict(extra or {}),
+    )
+
+
+def changed_files(recorded: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One line per recorded file that is missing or whose digest or size differs now."""
+    out = []
+    for f in recorded:
+        if f.get("algorithm") != ALGORITHM or not f.get("digest"):
+            continue
+        path = Path(str(f["path"]))
+        if not path.is_file():
+            out.append(f"{path}: missing (recorded {f['algorithm']} {str(f['digest'])[:16]}…)")
+            continue
+        digest = hash_file(path)
+        if digest != f["digest"] or path.stat().st_size != f.get("size"):
+            out.append(f"{path}: changed ({f['algorithm']} {str(f['digest'])[:16]}… recorded, "
+                       f"{digest[:16]}… now; size {f.get('size')} → {path.stat().st_size})")
+    return out
+
+
+def file_summary(files: Sequence[FileRecord]) -> str:
+    """``"4 files, 345.2 KB, BLAKE3"``-style one-liner."""
+    n = sum(1 for f in files if f.digest)
+    size = sum(f.size for f in files)
+    return f"{n} files hashed ({size:,} bytes, {ALGORITHM.upper()})"

@@ -1,0 +1,195 @@
+"""Reports someone else can check: run a comparison with provenance, and re-run it from a report.
+
+:func:`compare_recorded` is the whole ``lineage compare`` workflow (comparison, optional adapter
+check and merge fit) with a :class:`~lineage.provenance.Provenance` attached.
+:func:`verify_report` reads a report's JSON, re-hashes the files it names, re-runs the comparison
+with the recorded options and lists every difference in the verdict and figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lineage.errors import ConfigError
+from lineage.progress import ProgressFn
+from lineage.report import Report
+
+log = logging.getLogger(__name__)
+
+#: Largest difference in log10 p (and in any per-layer figure) still counted as "the same".
+LOG10_P_TOLERANCE = 1e-3
+FIGURE_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a comparison was run on and with (stored as ``provenance.options``)."""
+
+    a: str
+    b: str
+    device: str = "cpu"
+    canonicalise: bool = True
+    adapter: str | None = None
+    parents: tuple[str, ...] = ()
+    base: str | None = None
+
+    def inputs(self) -> dict[str, str]:
+        """``side -> reference`` of every model read."""
+        out = {"a": self.a, "b": self.b}
+        if self.adapter:
+            out["adapter"] = self.adapter
+        for i, p in enumerate(self.parents):
+            out[f"parent{i + 1}"] = p
+        if self.base:
+            out["base"] = self.base
+        return out
+
+
+def compare_recorded(spec: RunSpec, *, progress: ProgressFn | None = None, hash_files: bool = True) -> Report:
+    """Run the comparison ``spec`` describes and attach its provenance."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lineage import provenance
+    from lineage.compare import CompareOptions, compare
+
+    # the inputs are hashed on a background thread while the comparison runs (BLAKE3 releases the
+    # GIL; both read the same files, which the page cache shares): the hash costs little wall time
+    with ThreadPoolExecutor(1, thread_name_prefix="lineage-hash") as pool:
+        hashed = pool.submit(provenance.hash_inputs, spec.inputs()) if hash_files else None
+        report = _compare_all(spec, progress)
+        if hashed is not None:
+            prov = provenance.collect("compare", spec.inputs(), dataclasses.asdict(spec), report.verdict.null,
+                                      hashed=hashed.result())
+            report = dataclasses.replace(report, provenance=prov)
+    return report
+
+
+def _compare_all(spec: RunSpec, progress: ProgressFn | None) -> Report:
+    from lineage.compare import CompareOptions, compare
+
+    report = compare(spec.a, spec.b, options=CompareOptions(device=spec.device, canonicalise=spec.canonicalise),
+                     progress=progress)
+    if spec.adapter is not None:
+        from lineage.adaptercheck import check_adapter
+
+        report = dataclasses.replace(report, adapter_check=check_adapter(spec.a, spec.b, spec.adapter).to_dict())
+    if spec.parents:
+        from lineage.mergefit import apply_merge, merge_evidence
+
+        base = spec.base if spec.base is not None else (None if spec.a in spec.parents else spec.a)
+        report = apply_merge(report, merge_evidence(spec.b, list(spec.parents), base))
+    return report
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify_report`: ``same`` when nothing differs."""
+
+    report: str
+    changed_files: tuple[str, ...]
+    differences: tuple[str, ...]
+    relation: str
+    p_text: str
+
+    @property
+    def same(self) -> bool:
+        return not self.changed_files and not self.differences
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "lineage.verify/1", "report": self.report, "same": self.same,
+                "changed_files": list(self.changed_files), "differences": list(self.differences),
+                "relation": self.relation, "p_text": self.p_text}
+
+
+def spec_from_report(d: Mapping[str, Any], where: str) -> RunSpec:
+    """The :class:`RunSpec` recorded in a report's JSON (ConfigError when there is none)."""
+    prov = d.get("provenance") if isinstance(d, Mapping) else None
+    if not isinstance(prov, Mapping) or not isinstance(prov.get("options"), Mapping):
+        raise ConfigError(f"{where}: no provenance in this report (written by an older lineage, or with --no-hash)")
+    o = dict(prov["options"])
+    try:
+        return RunSpec(a=str(o["a"]), b=str(o["b"]), device=str(o.get("device", "cpu")),
+                       canonicalise=bool(o.get("canonicalise", True)), adapter=o.get("adapter"),
+                       parents=tuple(o.get("parents") or ()), base=o.get("base"))
+    except KeyError as e:
+        raise ConfigError(f"{where}: provenance.options lacks {e}") from None
+
+
+def _close(x: Any, y: Any, tol: float) -> bool:
+    if x is None or y is None:
+        return x is y
+    return math.isclose(float(x), float(y), rel_tol=tol, abs_tol=tol)
+
+
+def diff_reports(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Every difference in verdict, p-value and per-layer figures between two report dicts."""
+    out: list[str] = []
+    vo, vn = old.get("verdict", {}), new.get("verdict", {})
+    for key in ("relation", "derived"):
+        if vo.get(key) != vn.get(key):
+            out.append(f"verdict {key}: {vo.get(key)!r} recorded, {vn.get(key)!r} now")
+    if not _close(vo.get("log10_p"), vn.get("log10_p"), LOG10_P_TOLERANCE):
+        out.append(f"log10 p: {vo.get('log10_p')} recorded, {vn.get('log10_p')} now")
+    rows_o = {(r.get("role"), r.get("tensor_a")): r for r in old.get("layers", [])}
+    rows_n = {(r.get("role"), r.get("tensor_a")): r for r in new.get("layers", [])}
+    if set(rows_o) != set(rows_n):
+        out.append(f"paired tensors: {len(rows_o)} recorded, {len(rows_n)} now")
+    for k in sorted(set(rows_o) & set(rows_n), key=str):
+        for fig in ("pearson", "cosine", "rel_l2"):
+            if not _close(rows_o[k].get(fig), rows_n[k].get(fig), FIGURE_TOLERANCE):
+                out.append(f"{k[0]} {fig}: {rows_o[k].get(fig)} recorded, {rows_n[k].get(fig)} now")
+    lo = [(r.get("layer_a"), r.get("log10_p")) for r in (old.get("canon") or {}).get("layers", [])]
+    ln = [(r.get("layer_a"), r.get("log10_p")) for r in (new.get("canon") or {}).get("layers", [])]
+    if len(lo) != len(ln) or any(x[0] != y[0] or not _close(x[1], y[1], LOG10_P_TOLERANCE) for x, y in zip(lo, ln)):
+        out.append("aligned per-layer statistics (canon.layers) differ")
+    return out
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    """A report's JSON (ConfigError naming the file when it is not one)."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a JSON report ({e})") from None
+    if not isinstance(d, dict) or d.get("schema") != "lineage.compare/1":
+        raise ConfigError(f"{path}: not a lineage compare report (schema lineage.compare/1)")
+    return d
+
+
+def verify_report(path: str | Path, *, device: str | None = None, progress: ProgressFn | None = None,
+                  ) -> tuple[VerifyResult, Report]:
+    """Re-hash the inputs named in report ``path``, re-run the comparison and list what differs."""
+    from lineage.provenance import changed_files
+
+    old = load_report(path)
+    spec = spec_from_report(old, str(path))
+    if device is not None:
+        spec = dataclasses.replace(spec, device=device)
+    changed = tuple(changed_files((old.get("provenance") or {}).get("files", [])))
+    new = compare_recorded(spec, progress=progress)
+    diffs = tuple(diff_reports(old, new.to_dict()))
+    v = new.to_dict()["verdict"]
+    return VerifyResult(str(path), changed, diffs, v["relation"], v["p_text"]), new
+
+
+def render_verify(result: VerifyResult, recorded: Sequence[str] = ()) -> str:
+    """Text outcome of a verification."""
+    lines = [f"{result.report}: re-ran the comparison: {result.relation}, {result.p_text}"]
+    if result.changed_files:
+        lines.append("input files changed since the report was written:")
+        lines += [f"  {x}" for x in result.changed_files]
+    if result.differences:
+        lines.append("differences from the report:")
+        lines += [f"  {x}" for x in result.differences]
+    if result.same:
+        lines.append("verified: same input files (by hash), same verdict and figures")
+    return "\n".join(lines) + "\n"

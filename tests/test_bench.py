@@ -1,0 +1,68 @@
+"""`lineage bench`: limits and every kernel measured on a tiny size; text, JSON and HTML outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from lineage.bench import KERNELS, MODELS, SCHEMA, BenchConfig, BenchError, run_bench
+from lineage.cli import cli, main
+
+TINY = (64, 512, 256, 4, 2)  # hidden, elements/hidden, MLP width, heads, layers
+
+
+@pytest.fixture
+def tiny_size(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setitem(MODELS, "tiny", TINY)
+    return "tiny"
+
+
+def test_every_kernel_measured_against_limits(tiny_size: str) -> None:
+    kernels = tuple(k for k in KERNELS if k != "model")
+    report = run_bench(BenchConfig(kernels=kernels, sizes=(tiny_size,), reps=1, quick=True))
+    lim = report.limits
+    assert lim.copy_bytes_per_s > 1e8 and lim.matmul_flops_per_s > 1e8
+    assert {r.kernel for r in report.results} == set(kernels)
+    variants = {r.variant for r in report.results if r.kernel == "moments"}
+    assert {"bfloat16", "float8_e4m3fn", "int8_row", "Q8_0", "Q4_K"} <= variants
+    for r in report.results:
+        assert r.skipped is None and r.wall_s > 0 and r.bytes_read > 0
+        assert r.fraction == pytest.approx(
+            max(r.bytes_read / lim.copy_bytes_per_s, r.flops / lim.matmul_flops_per_s) / r.wall_s)
+
+
+def test_cli_json_and_html(tiny_size: str, tmp_path: Path) -> None:
+    page = tmp_path / "bench.html"
+    res = CliRunner().invoke(cli, ["bench", "--kernel", "moments", "--size", tiny_size, "--quick", "--json",
+                                   "--html", str(page)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["schema"] == SCHEMA and doc["tool"]["version"]
+    assert doc["config"]["quick"] and doc["config"]["sizes"] == [tiny_size]
+    assert len(doc["results"]) == 7 and all(r["memcpy_ratio"] > 0 for r in doc["results"])
+    text = page.read_text()
+    assert text.count("<svg") == 1 and "roofline" in text and "http" not in text.split("<svg")[0]
+
+
+def test_cli_text_table(tiny_size: str) -> None:
+    res = CliRunner().invoke(cli, ["bench", "--kernel", "lattice", "--size", tiny_size, "--quick"])
+    assert res.exit_code == 0, res.output
+    assert "limits: copy" in res.output and res.output.count("lattice") == 2
+
+
+def test_bad_requests_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(BenchError, match="unknown size"):
+        run_bench(BenchConfig(sizes=("3T",)))
+    bad = [["bench", "--kernel", "nope"]]
+    if not torch.cuda.is_available():
+        bad.append(["bench", "--device", "cuda", "--kernel", "moments"])
+    for args in bad:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lineage: error:") and err.count("\n") == 1
