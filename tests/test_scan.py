@@ -140,7 +140,7 @@ def test_scan_cli_json_and_bad_source(scan_dir: Path, tmp_path: Path, capsys) ->
         main(["scan", str(scan_dir), "--json", "--no-progress", "--keep-going", "--cache-dir", str(tmp_path / "fp")])
     assert e.value.code == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["schema"] == "lineage.scan/1" and d["version"]
+    assert d["schema"] == "lineage.scan/2" and d["version"]
     assert {(p["a"], p["b"]) for p in d["pairs"]} == EXPECTED_LINKS
     with pytest.raises(SystemExit) as e:
         main(["scan", str(tmp_path / "nothing-here"), "--no-progress"])
