@@ -1,7 +1,8 @@
 """The `lineage` command: parse options, make one library call, render.
 
 Exit codes: 0 success (whatever the verdict), 1 when ``--expect`` disagrees with
-the verdict, 2 on bad input (any :class:`~lineage.errors.LineageError`) or bad usage.
+the verdict, 2 on bad input (any :class:`~lineage.errors.LineageError`), bad usage or any
+other failure (always one line on stderr; ``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -39,6 +40,32 @@ def _want_colour(flag: bool | None, stream: Any) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
 
+def _check_output(path: str | None) -> None:
+    """Fail before any work when an output file cannot be written (exit 2, one line naming it)."""
+    if path is None:
+        return
+    from lineage.errors import ConfigError
+
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise ConfigError(f"cannot write here: folder {str(folder)!r} does not exist", path=path)
+    if p.is_dir():
+        raise ConfigError("cannot write here: it is a folder", path=path)
+    if not os.access(folder, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError("cannot write here: permission denied", path=path)
+
+
+def _write_output(path: str, text: str) -> None:
+    """Write an output file; a failure is a typed error naming it."""
+    from lineage.errors import ConfigError
+
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot write: {e.strerror or e}", path=path) from None
+
+
 def _progress(no_progress: bool):
     """A tqdm progress callback on stderr, or None (--no-progress, --quiet, not a terminal,
     HF_HUB_DISABLE_PROGRESS_BARS)."""
@@ -58,14 +85,14 @@ def _note(message: str) -> None:
 def _emit(text: str, output: str | None, colour: bool | None = None) -> None:
     """The command's main output: to ``output`` when given, else stdout (colour kept only on stdout)."""
     if output:
-        Path(output).write_text(click.unstyle(text), encoding="utf-8")
+        _write_output(output, click.unstyle(text))
         _note(f"written to {output}")
     else:
         click.echo(text, nl=False, color=colour)
 
 
 def _write_html(path: str, page: str) -> None:
-    Path(path).write_text(page, encoding="utf-8")
+    _write_output(path, page)
     _note(f"HTML written to {path}")
 
 
@@ -162,6 +189,8 @@ def compare(
     when the fit explains it.  The JSON and HTML reports record the BLAKE3 hash and size of
     every file read, the options and seeds: `lineage verify REPORT.json` re-runs them.
     """
+    _check_output(html_path)
+    _check_output(output)
     from lineage.verify import RunSpec, compare_recorded
 
     if revision or token:
@@ -294,6 +323,7 @@ def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revis
 
     if not output.endswith(SUFFIX):
         raise click.UsageError(f"the fingerprint file name must end in {SUFFIX}")
+    _check_output(output)
     if revision or token:
         (model,) = _hub_refs((model,), revision, token)
     from lineage.fpcompare import write_fingerprint
@@ -368,6 +398,8 @@ def tree(models: tuple[str, ...], as_json: bool, output: str | None, html_path: 
     from lineage.tree import render_html as tree_html
     from lineage.tree import render_text as tree_text
 
+    _check_output(html_path)
+    _check_output(output)
     bar = _progress(no_progress)
     try:
         result = family_tree(list(models), options=CompareOptions(device=device), progress=bar)
@@ -422,6 +454,8 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
     from lineage.scan import render_html as scan_html
     from lineage.scan import scan as run_scan
 
+    _check_output(html_path)
+    _check_output(output)
     opts = ScanOptions(engine=engine, workers=workers, address=address, cache_dir=cache_dir, db=db, alpha=alpha,
                        confirm=confirm, refresh=refresh, k=k, k_max=max(k, 32))
     if device != "cpu":
@@ -600,6 +634,7 @@ def registry_query(model: str, db: str | None, k: int, as_json: bool, html_path:
     from lineage.registry import CandidatePolicy, Registry, query
     from lineage.registry.query import render_html, render_text
 
+    _check_output(html_path)
     reg = Registry(db) if db else Registry()
     eng = get_engine("local", 2)
     try:
@@ -623,14 +658,21 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code)
+        sys.exit(2)  # exit 1 is reserved for --expect
     except LineageError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"lineage: error: {e}", err=True)
+        click.echo(f"lineage: error: {e}".replace("\n", " "), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:  # last resort: a bug, not bad input; still one line and exit 2
+        if debug:
+            traceback.print_exc()
+        what = " ".join(str(e).split())[:300]
+        click.echo(f"lineage: internal error ({type(e).__name__}: {what}) while running "
+                   f"'lineage {' '.join(args)[:300]}'; rerun with --debug for the traceback", err=True)
+        sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -108,7 +108,7 @@ def _gguf_claims(meta: dict[str, Any]) -> list[LineageClaim]:
     out = []
     n = meta.get("general.base_model.count")
     idx = sorted({int(m.group(1)) for k in meta
-                  if (m := re.fullmatch(r"general\.base_model\.(\d+)\.\w+", k))})
+                  if (m := re.fullmatch(r"general\.base_model\.(\d{1,6})\.\w+", k))})
     if isinstance(n, int):
         idx = sorted(set(idx) | set(range(min(n, 64))))
     for i in idx:

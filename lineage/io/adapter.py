@@ -15,10 +15,10 @@ module for the adapter check.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from lineage.errors import CheckpointError, HeaderError, LineageError, ShapeMismatchError, UnsupportedFormatError
+from lineage.io.adapterconfig import CONFIG, parse_adapter_config
 from lineage.io.checkpoint import Checkpoint, TensorMeta, open_checkpoint, open_safetensors_sources
 from lineage.io.sources import ByteSource, LocalFileSource
 
 log = logging.getLogger(__name__)
 
-CONFIG = "adapter_config.json"
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _LORA = re.compile(
     r"(?:base_model\.model\.)?(.+?)\.lora_(A|B|embedding_A|embedding_B)"
@@ -100,13 +100,6 @@ def is_adapter_folder(path: str | Path) -> bool:
     return p.is_dir() and (p / CONFIG).is_file() and any((p / w).is_file() for w in WEIGHTS)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    for key, val in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return val
-    return default
-
-
 def _load_weights(folder: Path) -> tuple[dict[str, torch.Tensor], ByteSource | None]:
     st = folder / WEIGHTS[0]
     if st.is_file():
@@ -119,30 +112,46 @@ def _load_weights(folder: Path) -> tuple[dict[str, torch.Tensor], ByteSource | N
     return {k: v.float() for k, v in sd.items()}, None
 
 
+#: Largest bound on one element of a LoRA delta (``|scale| · r · max|A| · max|B|``) accepted;
+#: real adapters stay far below 1, and a larger one is corrupt or hostile.
+MAX_DELTA = 1e4
+
+
+def _check_factors(module: str, a: torch.Tensor | None, b: torch.Tensor | None, folder: Path) -> None:
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise HeaderError(
+            f"module {module!r}: LoRA factors missing or of inconsistent shapes "
+            f"(A {None if a is None else tuple(a.shape)}, B {None if b is None else tuple(b.shape)})",
+            path=str(folder),
+        )
+    if a.shape[0] == 0 or a.numel() == 0 or b.numel() == 0:
+        raise HeaderError(f"module {module!r}: LoRA factors of rank 0 or empty "
+                          f"(A {tuple(a.shape)}, B {tuple(b.shape)})", path=str(folder))
+
+
+def _check_finite(name: str, t: torch.Tensor, folder: Path) -> float:
+    """Largest |value| of ``t``; a NaN or infinite value is an error."""
+    if t.numel() == 0:
+        return 0.0
+    if not bool(torch.isfinite(t).all()):
+        raise HeaderError(f"tensor {name!r} holds NaN or infinite values", path=str(folder))
+    return float(t.abs().max())
+
+
 def read_adapter(folder: str | Path) -> AdapterFactors:
-    """Raw LoRA factors per module, with their scales (``lora_alpha / r`` or rsLoRA)."""
+    """Raw LoRA factors per module, with their scales (``lora_alpha / r`` or rsLoRA).
+
+    The config is type-checked (:mod:`lineage.io.adapterconfig`); factors must be of
+    rank ≥ 1, finite, and give a delta of sane size, or a typed error names the folder.
+    """
     folder = Path(folder)
-    try:
-        cfg = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{CONFIG} not found", path=str(folder)) from e
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HeaderError(f"{CONFIG} is not valid JSON: {e}", path=str(folder)) from e
-    if not isinstance(cfg, dict):
-        raise HeaderError(f"{CONFIG} must be a JSON object", path=str(folder))
-    ptype = str(cfg.get("peft_type", "LORA")).upper()
-    if ptype != "LORA":
-        raise UnsupportedFormatError(f"PEFT type {ptype} (only LORA adapters are supported)",
-                                     path=str(folder))
-    if cfg.get("use_dora"):
+    cfg = parse_adapter_config(folder)
+    if cfg.use_dora:
         raise UnsupportedFormatError("DoRA adapters are not supported (magnitude vectors)",
                                      path=str(folder))
     weights, src = _load_weights(folder)
     if src is not None:
         src.close()
-    alpha0 = float(cfg.get("lora_alpha", cfg.get("r", 8)))
-    rslora = bool(cfg.get("use_rslora"))
-    fifo = bool(cfg.get("fan_in_fan_out"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     saved: dict[str, torch.Tensor] = {}
     for key, t in weights.items():
@@ -153,6 +162,7 @@ def read_adapter(folder: str | Path) -> AdapterFactors:
         elif "lora_magnitude_vector" in key:
             raise UnsupportedFormatError("DoRA adapters are not supported", path=str(folder))
         else:
+            _check_finite(key, t, folder)
             name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
             saved[name.replace(".modules_to_save.default", "")] = t
     modules: dict[str, LoraModule] = {}
@@ -160,21 +170,25 @@ def read_adapter(folder: str | Path) -> AdapterFactors:
         emb = "embedding_A" in p
         a = p.get("embedding_A" if emb else "A")
         b = p.get("embedding_B" if emb else "B")
-        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise HeaderError(
-                f"module {module!r}: LoRA factors missing or of inconsistent shapes "
-                f"(A {None if a is None else tuple(a.shape)}, B {None if b is None else tuple(b.shape)})",
-                path=str(folder),
-            )
+        _check_factors(module, a, b, folder)
+        assert a is not None and b is not None
         r = a.shape[0]
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, alpha0))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
+        alpha = cfg.alpha_for(module)
+        scale = alpha / math.sqrt(r) if cfg.use_rslora else alpha / r
+        bound = abs(scale) * r * _check_finite(module + ".lora_A", a, folder) \
+            * _check_finite(module + ".lora_B", b, folder)
+        bias = p.get("B.bias")
+        if bias is not None:
+            bound = max(bound, abs(scale) * _check_finite(module + ".lora_B.bias", bias, folder))
+        if not bound <= MAX_DELTA:
+            raise HeaderError(f"module {module!r}: LoRA delta of up to {bound:.3g} per weight "
+                              f"(cap {MAX_DELTA:g}): corrupt or hostile factors", path=str(folder))
         modules[module] = LoraModule(module, a, b, alpha, scale,
-                                     "embedding" if emb else "linear", fifo and not emb,
-                                     p.get("B.bias"))
+                                     "embedding" if emb else "linear", cfg.fan_in_fan_out and not emb,
+                                     bias)
     if not modules and not saved:
         raise CheckpointError("adapter holds no LoRA factors", path=str(folder))
-    return AdapterFactors(str(folder), cfg, cfg.get("base_model_name_or_path"), modules, saved)
+    return AdapterFactors(str(folder), cfg.raw, cfg.base_model, modules, saved)
 
 
 def _base_name(module_or_tensor: str, base: Checkpoint, suffix: str) -> str | None:
@@ -297,7 +311,11 @@ def resolve_base(factors: AdapterFactors, base: str | Checkpoint | None) -> Chec
     if not Path(name).is_absolute():
         cands.insert(0, str(Path(factors.path) / name))
     for cand in cands:
-        if Path(cand).exists():
+        try:
+            found = Path(cand).exists()
+        except OSError:
+            found = False
+        if found:
             return open_checkpoint(cand)
     try:
         return open_checkpoint(name)
@@ -308,11 +326,32 @@ def resolve_base(factors: AdapterFactors, base: str | Checkpoint | None) -> Chec
         ) from e
 
 
+#: Adapters being opened on this thread (resolved folders), to catch a base chain that loops.
+_OPENING = threading.local()
+#: Longest chain of adapters over adapters followed.
+MAX_ADAPTER_CHAIN = 8
+
+
 def open_adapter_folder(folder: str, base: str | Checkpoint | None = None,
                         ref: str | None = None) -> Checkpoint:
-    """The base model with the adapter in ``folder`` merged on read."""
-    factors = read_adapter(folder)
-    base_ck = resolve_base(factors, base)
+    """The base model with the adapter in ``folder`` merged on read.
+
+    A base that is itself an adapter is followed up to :data:`MAX_ADAPTER_CHAIN`
+    levels; a chain that comes back to an adapter already being opened is an error.
+    """
+    key = str(Path(folder).resolve())
+    stack: list[str] = _OPENING.__dict__.setdefault("stack", [])
+    if key in stack:
+        raise CheckpointError(f"the adapter's base chain loops back to {key} "
+                              f"(base_model_name_or_path names an adapter being opened)", path=folder)
+    if len(stack) >= MAX_ADAPTER_CHAIN:
+        raise CheckpointError(f"adapter base chain longer than {MAX_ADAPTER_CHAIN}", path=folder)
+    stack.append(key)
+    try:
+        factors = read_adapter(folder)
+        base_ck = resolve_base(factors, base)
+    finally:
+        stack.pop()
     log.info("%s: LoRA adapter (%d modules) over base %s", folder, len(factors.modules), base_ck.ref)
     return merge_adapter(base_ck, factors, ref or folder)
 

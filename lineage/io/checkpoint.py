@@ -11,7 +11,6 @@ reference is not theirs.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -22,9 +21,10 @@ from typing import Any, Protocol
 
 import torch
 
-from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
+from lineage.errors import CheckpointError, LineageError, ShardError, UnsupportedFormatError
 from lineage.io.dtypes import DTYPES
 from lineage.io.provenance import FileIntegrity, HubProvenance
+from lineage.io.safejson import load_json_file
 from lineage.io.safetensors import SafetensorsEntry, header_length, parse_header
 from lineage.io.selection import note_skipped, select_safetensors
 from lineage.io.sources import ByteSource, LocalFileSource
@@ -233,26 +233,16 @@ def open_safetensors_sources(
     return Checkpoint(ref, fmt, tensors, readers, list(sources), metadata=metadata)
 
 
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{what} not found", path=str(path)) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HeaderError(f"{what} is not valid JSON: {e}", path=str(path)) from e
-
-
 def load_config(folder: Path) -> dict[str, Any] | None:
     """``config.json`` of a model folder, if present and valid (a bad one is only logged)."""
     p = folder / "config.json"
     if not p.is_file():
         return None
     try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        log.warning("%s: ignoring unreadable config.json (%s)", p, e)
+        return load_json_file(p, "config.json")
+    except LineageError as e:
+        log.warning("ignoring unreadable config.json (%s)", e)
         return None
-    return cfg if isinstance(cfg, dict) else None
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -289,16 +279,38 @@ def open_local_safetensors(ref: str) -> Checkpoint | None:
     return ckpt
 
 
-def _shards_from_index(index: Path) -> list[Path]:
-    data = _read_json(index, "shard index")
-    wm = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+#: Longest shard file name accepted from an index (common file systems allow 255 bytes).
+MAX_SHARD_NAME = 255
+
+
+def check_shard_name(shard: object, index: str) -> str:
+    """A shard file name from an index: a plain, sane file name inside the index's folder."""
+    if not isinstance(shard, str) or not shard:
+        raise ShardError(f"shard index names a shard that is not a file name: {shard!r}", path=index)
+    if len(shard.encode("utf-8", "surrogatepass")) > MAX_SHARD_NAME:
+        raise ShardError(f"shard index names a file of {len(shard)} characters "
+                         f"(over {MAX_SHARD_NAME}): {shard[:40]!r}…", path=index)
+    if "\0" in shard or "/" in shard or "\\" in shard or shard in (".", "..") \
+            or os.path.sep in os.path.normpath(shard):
+        raise ShardError(f"shard index names a file outside the folder: {shard!r}", path=index)
+    return shard
+
+
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The validated ``weight_map`` (tensor name → shard file name) of a shard index."""
+    data = load_json_file(index, "shard index")
+    wm = data.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
         raise ShardError("shard index has no valid 'weight_map'", path=str(index))
+    for shard in wm.values():
+        check_shard_name(shard, str(index))
+    return wm
+
+
+def _shards_from_index(index: Path) -> list[Path]:
     files = []
-    for shard in sorted(set(wm.values())):
+    for shard in sorted(set(read_shard_index(index).values())):
         p = index.parent / shard
-        if os.path.sep in os.path.normpath(shard) or shard.startswith(".."):
-            raise ShardError(f"shard index names a file outside the folder: {shard!r}", path=str(index))
         if not p.is_file():
             raise ShardError(f"shard index names missing shard {shard!r}", path=str(index))
         files.append(p)
@@ -306,7 +318,7 @@ def _shards_from_index(index: Path) -> list[Path]:
 
 
 def _check_index_covers(index: Path, ckpt: Checkpoint) -> None:
-    wm = _read_json(index, "shard index")["weight_map"]
+    wm = read_shard_index(index)
     missing = [n for n in wm if n not in ckpt.tensors]
     if missing:
         raise ShardError(
@@ -324,14 +336,22 @@ def open_checkpoint(ref: str | os.PathLike[str]) -> Checkpoint:
     """Open a model reference (see :data:`OPENERS`) without reading any tensor data."""
     ref = os.fspath(ref)
     for opener in OPENERS:
-        ckpt = opener(ref)
+        try:
+            ckpt = opener(ref)
+        except OSError as e:  # file-system refusals (name too long, permissions, I/O errors)
+            where = e.filename if isinstance(e.filename, str) and len(e.filename) < 300 else ref
+            raise CheckpointError(f"cannot read: {e.strerror or e}", path=where) from e
         if ckpt is not None:
             if not ckpt.tensors:
                 raise CheckpointError("checkpoint contains no tensors", path=ref)
             log.debug("opened %s as %s with %d tensors", ref, ckpt.format, len(ckpt.tensors))
             return ckpt
     p = Path(ref)
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except OSError as e:
+        raise CheckpointError(f"cannot read: {e.strerror or e}", path=ref[:300]) from e
+    if not exists:
         raise CheckpointError("no such file or folder", path=ref)
     if p.is_dir():
         raise CheckpointError(

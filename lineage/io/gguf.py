@@ -224,11 +224,30 @@ def parse_gguf_header(source: ByteSource) -> GGUFHeader:
                 path=name,
             )
         tensors.append(GGUFTensorInfo(tname, tyname, tuple(reversed(ne)), start, nbytes))
-    ordered = sorted(tensors, key=lambda t: t.start)
-    for a, b in zip(ordered, ordered[1:]):
-        if b.start < a.start + a.nbytes:
-            raise HeaderError(f"tensors {a.name!r} and {b.name!r} overlap", path=name)
+    _check_data_section(tensors, data_start, alignment, source.size, name)
     return GGUFHeader(version, kv, tuple(tensors), alignment, data_start)
+
+
+def _check_data_section(tensors: list[GGUFTensorInfo], data_start: int, alignment: int,
+                        size: int, name: str) -> None:
+    """Every byte of the data section belongs to a tensor or to alignment padding.
+
+    A tensor count, offset or header field that is off shifts the data section; this
+    catches it as a format error instead of reading shifted bytes as weights.
+    """
+    pos = data_start
+    for t in sorted(tensors, key=lambda t: t.start):
+        if t.start < pos:
+            raise HeaderError(f"tensor {t.name!r} overlaps the previous tensor or the header", path=name)
+        if t.start - pos >= alignment:
+            raise HeaderError(
+                f"{t.start - pos} unaccounted bytes before tensor {t.name!r} in the data section "
+                "(wrong tensor count or offsets)", path=name)
+        pos = t.start + t.nbytes
+    if size - pos >= alignment:
+        raise HeaderError(
+            f"{size - pos} bytes after the last tensor are not accounted for by the header "
+            "(wrong tensor count or offsets)", path=name)
 
 
 def dequantize_rows(raw: np.ndarray, ggml_type: str, row_numel: int) -> np.ndarray:

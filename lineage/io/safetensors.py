@@ -6,16 +6,18 @@ The same parser serves local files and HTTP range reads: callers fetch the first
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass, field
 
 from lineage.errors import HeaderError, UnsupportedFormatError
 from lineage.io.dtypes import DTYPES
+from lineage.io.safejson import loads_bounded
 
 #: Largest header accepted (the reference implementation uses 100 MB as well).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Most dimensions a tensor may have.
+MAX_DIMS = 8
 
 
 @dataclass(frozen=True)
@@ -59,36 +61,18 @@ def header_length(prefix: bytes, file_size: int, path: str) -> int:
     return n
 
 
-def _no_duplicates(path: str):
-    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for k, v in pairs:
-            if k in out:
-                raise HeaderError(f"duplicate tensor name {k!r} in header", path=path)
-            out[k] = v
-        return out
-
-    return hook
-
-
 def parse_header(header: bytes, file_size: int, path: str) -> SafetensorsHeader:
     """Parse and validate the JSON header (the bytes after the 8-byte length).
 
-    Checks: valid UTF-8 JSON object, no duplicate names, known dtypes, non-negative
-    integer shapes, offsets consistent with shape × itemsize, no overlaps, and every
-    tensor inside the file.
+    Checks: valid UTF-8 JSON object within the size/depth/integer caps of
+    :mod:`lineage.io.safejson`, no duplicate names, known dtypes, non-negative integer
+    shapes, offsets consistent with shape × itemsize, no overlaps, and tensors that
+    tile the data section exactly (no gap, nothing past or before the end), so a
+    wrong header length is a format error rather than shifted data.
     """
     data_start = 8 + len(header)
-    try:
-        text = header.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HeaderError(f"header is not UTF-8 ({e.reason} at byte {e.start})", path=path) from e
-    try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicates(path))
-    except HeaderError:
-        raise
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise HeaderError(f"header is not valid JSON: {e}", path=path) from e
+    raw = loads_bounded(header, path=path, what="header", max_bytes=MAX_HEADER_BYTES,
+                        unique_keys=True)
     if not isinstance(raw, dict):
         raise HeaderError(f"header must be a JSON object, found {type(raw).__name__}", path=path)
 
@@ -129,6 +113,12 @@ def parse_header(header: bytes, file_size: int, path: str) -> SafetensorsHeader:
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         ):
             raise HeaderError(f"tensor {name!r} has invalid data_offsets {offsets!r}", path=path)
+        if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) > max(payload, 1 << 16):
+            raise HeaderError(
+                f"tensor {name!r} has an implausible shape {shape[:MAX_DIMS + 1]!r} for a data "
+                f"section of {payload} bytes",
+                path=path,
+            )
         begin, end = offsets
         if begin < 0 or end < begin:
             raise HeaderError(
@@ -152,9 +142,28 @@ def parse_header(header: bytes, file_size: int, path: str) -> SafetensorsHeader:
         )
 
     entries.sort(key=lambda e: (e.start, e.end))
-    for prev, cur in zip(entries, entries[1:]):
-        if cur.start < prev.end:
+    _check_tiling(entries, data_start, payload, path)
+    return SafetensorsHeader(tuple(entries), metadata, data_start)
+
+
+def _check_tiling(entries: list[SafetensorsEntry], data_start: int, payload: int, path: str) -> None:
+    """Tensors (sorted by offset) must cover the data section back to back, as the format requires."""
+    pos = data_start
+    for prev, cur in zip([None, *entries], entries):
+        if prev is not None and cur.start < prev.end:
             raise HeaderError(
                 f"tensors {prev.name!r} and {cur.name!r} overlap in the file", path=path
             )
-    return SafetensorsHeader(tuple(entries), metadata, data_start)
+        if cur.start != pos:
+            raise HeaderError(
+                f"{cur.start - pos} unaccounted byte(s) before tensor {cur.name!r} in the data section "
+                "(wrong offsets or header length)",
+                path=path,
+            )
+        pos = cur.end
+    if pos != data_start + payload:
+        raise HeaderError(
+            f"the data section holds {payload} bytes but the tensors account for "
+            f"{pos - data_start}: wrong header length or trailing bytes",
+            path=path,
+        )

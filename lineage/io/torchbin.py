@@ -9,7 +9,7 @@ Sharded checkpoints use ``pytorch_model.bin.index.json``.
 
 from __future__ import annotations
 
-import json
+import io
 import logging
 import os
 import pickle
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
-from lineage.io.checkpoint import Checkpoint, TensorMeta, load_config
+from lineage.io.checkpoint import Checkpoint, TensorMeta, load_config, read_shard_index
 from lineage.io.dtypes import TORCH_TO_NAME
 
 log = logging.getLogger(__name__)
@@ -77,19 +77,53 @@ class TorchReader:
         return out
 
 
+#: How torch's legacy (pre-zip) format starts: protocol-2 pickle of its magic number.
+LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+class _BoundedFile(io.FileIO):
+    """A file whose ``read(n)`` never asks for more than what is left, so a hostile
+    length field in a pickle cannot make the unpickler allocate beyond the file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        left = max(0, self._size - self.tell())
+        return super().read(left if n is None or n < 0 else min(n, left))
+
+
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` with ``weights_only=True`` (mmap when the file is a zip), validated."""
     mmap = zipfile.is_zipfile(path)
+    if not mmap:
+        with open(path, "rb") as f:
+            if f.read(len(LEGACY_MAGIC)) != LEGACY_MAGIC:
+                raise UnsupportedFormatError(
+                    "refused: not a PyTorch checkpoint (neither a zip archive nor torch's legacy format)",
+                    path=str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        if mmap:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with _BoundedFile(path) as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise HeaderError("cannot load as a PyTorch checkpoint: it claims more data than the file "
+                          "holds (corrupt or hostile)", path=str(path)) from None
     except pickle.UnpicklingError as e:
         raise UnsupportedFormatError(
             "refused: the file is not a plain weights-only state dict (its pickle asks for "
             f"objects torch's safe loader does not allow: {str(e).splitlines()[0][:200]})",
             path=str(path),
         ) from e
-    except (RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError) as e:
-        raise HeaderError(f"cannot load as a PyTorch checkpoint: {e}", path=str(path)) from e
+    except Exception as e:  # torch's loader parses hostile bytes: any failure means "not loadable"
+        msg = " ".join(str(e).split())[:200] or type(e).__name__
+        if "allocate" in msg:  # a storage size from the pickle, refused before any byte was used
+            raise HeaderError("cannot load as a PyTorch checkpoint: it declares tensor storage larger "
+                              "than memory allows (corrupt or hostile)", path=str(path)) from None
+        raise HeaderError(f"cannot load as a PyTorch checkpoint: {msg}", path=str(path)) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict) \
             and all(not isinstance(v, torch.Tensor) for k, v in obj.items() if k != "state_dict"):
         log.info("%s: using the nested 'state_dict' entry", path)
@@ -106,7 +140,20 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{type(obj[k]).__name__}",
             path=str(path),
         )
+    for k, v in obj.items():
+        _check_tensor(k, v, path)
     return dict(obj)
+
+
+def _check_tensor(name: str, t: torch.Tensor, path: Path) -> None:
+    """Refuse tensors that claim more elements than their storage holds (stride tricks)."""
+    try:
+        held = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+    except (RuntimeError, NotImplementedError) as e:
+        raise UnsupportedFormatError(f"tensor {name!r} has no plain storage ({e})", path=str(path)) from None
+    if t.numel() * t.element_size() > held:
+        raise HeaderError(f"tensor {name!r} of shape {tuple(t.shape)} claims more elements than "
+                          f"its storage holds (aliased or hostile strides)", path=str(path))
 
 
 def open_torch_files(ref: str, paths: list[Path]) -> Checkpoint:
@@ -133,15 +180,8 @@ def open_torch_files(ref: str, paths: list[Path]) -> Checkpoint:
 
 
 def _shards(index: Path) -> list[Path]:
-    try:
-        wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(wm.values()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ShardError(f"shard index has no valid 'weight_map' ({e})", path=str(index)) from e
     out = []
-    for n in names:
-        if not isinstance(n, str) or os.path.sep in os.path.normpath(n) or n.startswith(".."):
-            raise ShardError(f"shard index names a file outside the folder: {n!r}", path=str(index))
+    for n in sorted(set(read_shard_index(index).values())):
         p = index.parent / n
         if not p.is_file():
             raise ShardError(f"shard index names missing shard {n!r}", path=str(index))
@@ -167,7 +207,7 @@ def open_torchbin(ref: str) -> Checkpoint | None:
     if any((folder / f).is_file() for f in ("tokenizer.json", "vocab.json", "vocab.txt")):
         ck.tokenizer_dir = str(folder)
     if p.is_dir() and (p / INDEX).is_file():
-        wm = json.loads((p / INDEX).read_text(encoding="utf-8"))["weight_map"]
+        wm = read_shard_index(p / INDEX)
         absent = [t for t in wm if t not in ck.tensors]
         if absent:
             raise ShardError(f"{len(absent)} tensor(s) listed in the index are absent from the "

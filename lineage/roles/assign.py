@@ -30,6 +30,10 @@ _GGUF_PERMUTED = {"llama"}
 #: Storage types that hold no weights (ids, masks): never compared, even by name.
 _NOT_WEIGHTS = ("I", "U", "BOOL")
 
+#: Layer numbers may run this far past the number of tensors (a lone shard of a deep model);
+#: a larger number cannot be a real layer and would make per-layer work cost what it says.
+LAYER_SLACK = 1024
+
 
 @dataclass
 class _Build:
@@ -206,8 +210,13 @@ def assign_roles(
     if cfg.gguf_arch is None and family.startswith("gguf-"):
         cfg.gguf_arch = family.removeprefix("gguf-")
     entries: list[Entry] = []
+    max_layer = len(shapes) + LAYER_SLACK  # layer numbers are bounded by what the file holds
     for name, shape in shapes.items():
         e = parse_name(fam, name, shape)
+        if e is not None and e.index is not None and e.index >= max_layer:
+            b.notes.append(f"{name[:120]}: layer number {e.index} is beyond what {len(shapes)} tensors "
+                           "can hold; left unassigned")
+            e = None
         (entries.append(e) if e is not None else b.unassigned.append(name))
     spans, first = _stack_spans(fam, entries)
     hidden = _shape_facts(b, entries)

@@ -118,6 +118,8 @@ def parse_name(fam: Family | None, name: str, shape: Shape) -> Entry | None:
         return None if stem is None else Entry(name, shape, -1, None, stem, Layout.PLAIN, "weight")
     for k, stack in enumerate(fam.stacks):
         m = _compiled(stack.pattern).match(module + ".")
+        if m and len(m.group(1)) > 12:  # keeps int() cheap; such a number is no real layer
+            return None
         if m:
             part = _layer_part(fam, stack, (module + ".")[m.end():-1])
             if part is None:
