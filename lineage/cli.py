@@ -583,7 +583,7 @@ def registry() -> None:
 @click.option("--address", help="Scheduler address for --engine dask/ray (default: start a local cluster).")
 @click.option("--refresh", is_flag=True, help="Fingerprint again even when a verified entry exists.")
 @click.option("--json", "as_json", is_flag=True, help="Write the outcome per model as JSON to stdout.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
 def registry_add(sources: tuple[str, ...], db: str | None, engine: str, workers: int, address: str | None,
                  refresh: bool, as_json: bool, no_progress: bool) -> int:
     """Register SOURCES (folders, files, hf-cache[:PATH], org:NAME, Hub ids): fingerprint, reference, claims."""
