@@ -578,7 +578,8 @@ def registry() -> None:
 @registry.command("add")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--db", type=click.Path(dir_okay=False), help="Registry database (default: $LINEAGE_CACHE/registry.sqlite).")
-@click.option("--engine", type=click.Choice(["local", "dask", "ray"]), default="local", show_default=True)
+@click.option("--engine", type=click.Choice(["local", "dask", "ray"]), default="local", show_default=True,
+              help="Where fingerprinting runs: threads here, or a Dask / Ray cluster.")
 @click.option("--workers", type=int, default=0, help="Parallel tasks (0: one per core).")
 @click.option("--address", help="Scheduler address for --engine dask/ray (default: start a local cluster).")
 @click.option("--refresh", is_flag=True, help="Fingerprint again even when a verified entry exists.")
