@@ -426,8 +426,11 @@ def tree(models: tuple[str, ...], as_json: bool, output: str | None, html_path: 
 @click.option("--confirm", is_flag=True, help="Confirm every fingerprint link with the full weight comparison.")
 @_OPT_DEVICE
 @click.option("--alpha", type=float, help="Per-pair link threshold (default: 1e-3 / number of pairs).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), help="Fingerprint cache (default: $LINEAGE_CACHE, else $XDG_CACHE_HOME/lineage or ~/.cache/lineage, + /fingerprints).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Folder of the registry database that caches fingerprints and tests (default: $LINEAGE_CACHE, else $XDG_CACHE_HOME/lineage or ~/.cache/lineage).")
 @click.option("--refresh", is_flag=True, help="Recompute cached fingerprints.")
+@click.option("--db", type=click.Path(dir_okay=False), help="Registry database (default: <cache-dir>/registry.sqlite).")
+@click.option("-k", "--candidates", "k", type=int, default=10, show_default=True,
+              help="Candidate relatives tested per model (nearest retrieval keys).")
 @click.option("--keep-going", is_flag=True, help="Exit 0 even when some models failed (default: exit 3).")
 @_OPT_JSON
 @_OPT_OUTPUT
@@ -435,25 +438,26 @@ def tree(models: tuple[str, ...], as_json: bool, output: str | None, html_path: 
 @_OPT_PROGRESS
 @_OPT_COLOUR
 def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | None, confirm: bool, device: str,
-         alpha: float | None, cache_dir: str | None, refresh: bool, keep_going: bool, as_json: bool,
-         output: str | None, html_path: str | None, no_progress: bool, colour: bool | None) -> int:
+         alpha: float | None, cache_dir: str | None, refresh: bool, db: str | None, k: int, keep_going: bool,
+         as_json: bool, output: str | None, html_path: str | None, no_progress: bool, colour: bool | None) -> int:
     """Scan SOURCES (folders, files, hf-cache[:PATH], org:NAME, Hub ids) and report the family tree.
 
-    Every model is fingerprinted (cached), fingerprints are compared pairwise, and linked
-    pairs form the tree; --confirm re-checks each link on the weights (type, direction).
+    Every model is registered (fingerprint stored, verified on reuse), each is tested against
+    its nearest candidates, linked pairs form the tree, and claimed bases are checked against
+    the weights; --confirm re-checks each link on the weights (type, direction).
     Without --confirm, links carry no direction and are drawn undirected.
     Exit 3 when some models failed (their errors are listed), unless --keep-going.
     """
     import json
 
     from lineage.scan import ScanOptions
+    from lineage.scan import render_html as scan_html
     from lineage.scan import scan as run_scan
-    from lineage.tree import render_html as tree_html
 
     _check_output(html_path)
     _check_output(output)
-    opts = ScanOptions(engine=engine, workers=workers, address=address, cache_dir=cache_dir, alpha=alpha,
-                       confirm=confirm, refresh=refresh)
+    opts = ScanOptions(engine=engine, workers=workers, address=address, cache_dir=cache_dir, db=db, alpha=alpha,
+                       confirm=confirm, refresh=refresh, k=k, k_max=max(k, 32))
     if device != "cpu":
         os.environ["LINEAGE_DEVICE"] = device  # read by the --confirm comparisons (lineage.scan.confirm_task)
     bar = _progress(no_progress)
@@ -472,9 +476,7 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
         want = _want_colour(colour, sys.stdout)
         _emit(scan_text(result, colour=want), output, colour=want)
     if html_path:
-        pairs = [{"a": p.a, "b": p.b, "relation": p.relation, "log10_p": p.log10_p, "method": p.method}
-                 for p in result.pairs]
-        _write_html(html_path, tree_html(result.tree, title="lineage scan", pairs=pairs))
+        _write_html(html_path, scan_html(result))
     failed = [m for m in result.models if not m.ok]
     if failed and not keep_going:
         click.echo(f"lineage: {len(failed)} of {len(result.models)} models failed (exit 3; --keep-going to exit 0)",
@@ -562,6 +564,87 @@ def bench(device: str, kernels: tuple[str, ...], sizes: tuple[str, ...], quick: 
     if html_path:
         Path(html_path).write_text(render_html(report), encoding="utf-8")
     click.echo(json.dumps(to_dict(report), indent=2) if as_json else render_text(report), nl=as_json)
+    return 0
+
+
+# --------------------------------------------------------------------------- registry (issue 18)
+
+
+@cli.group()
+def registry() -> None:
+    """A persistent fingerprint registry: register models, then ask what any model is derived from."""
+
+
+@registry.command("add")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--db", type=click.Path(dir_okay=False), help="Registry database (default: $LINEAGE_CACHE/registry.sqlite).")
+@click.option("--engine", type=click.Choice(["local", "dask", "ray"]), default="local", show_default=True,
+              help="Where fingerprinting runs: threads here, or a Dask / Ray cluster.")
+@click.option("--workers", type=int, default=0, help="Parallel tasks (0: one per core).")
+@click.option("--address", help="Scheduler address for --engine dask/ray (default: start a local cluster).")
+@click.option("--refresh", is_flag=True, help="Fingerprint again even when a verified entry exists.")
+@click.option("--json", "as_json", is_flag=True, help="Write the outcome per model as JSON to stdout.")
+@click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+def registry_add(sources: tuple[str, ...], db: str | None, engine: str, workers: int, address: str | None,
+                 refresh: bool, as_json: bool, no_progress: bool) -> int:
+    """Register SOURCES (folders, files, hf-cache[:PATH], org:NAME, Hub ids): fingerprint, reference, claims."""
+    import json
+
+    from lineage.engine import get_engine
+    from lineage.registry import Registry, add
+
+    reg = Registry(db) if db else Registry()
+    eng = get_engine(engine, workers, address)
+    bar = _progress(no_progress)
+    try:
+        done, secs = add(list(sources), reg, eng, refresh=refresh, progress=bar)
+    finally:
+        eng.close()
+        if bar is not None:
+            bar.close()
+    rows = [{"label": d.entry.label, "ref": d.entry.ref, "ok": d.ok, "cached": d.cached, "recomputed": d.recomputed,
+             "error": d.error, "claims": [c for c, _ in d.record.claims] if d.record else []} for d in done]
+    if as_json:
+        click.echo(json.dumps({"schema": "lineage.registry.add/1", "registry": str(reg.path), "seconds": secs,
+                               "models": rows, "stats": reg.stats()}, indent=2))
+        return 0
+    for r in rows:
+        state = "error: " + str(r["error"]) if not r["ok"] else "already registered" if r["cached"] else "added"
+        click.echo(f"{r['label']}: {state}" + (f" (recomputed: {r['recomputed']})" if r["recomputed"] else ""))
+    st = reg.stats()
+    click.echo(f"{sum(r['ok'] and not r['cached'] for r in rows)} added, {sum(bool(r['cached']) for r in rows)} already "
+               f"registered, {sum(not r['ok'] for r in rows)} failed in {secs:.1f} s; {st['models']} models in {reg.path}")
+    return 0
+
+
+@registry.command("query")
+@click.argument("model")
+@click.option("--db", type=click.Path(dir_okay=False), help="Registry database (default: $LINEAGE_CACHE/registry.sqlite).")
+@click.option("-k", "--candidates", "k", type=int, default=10, show_default=True, help="Candidates to test.")
+@click.option("--json", "as_json", is_flag=True, help="Write the result (schema lineage.registry.query/1) as JSON.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write a plain HTML page.")
+def registry_query(model: str, db: str | None, k: int, as_json: bool, html_path: str | None) -> int:
+    """Likely parents and relatives of MODEL among the registered models, each with its fingerprint p-value.
+
+    MODEL (a path or Hub id) is fingerprinted unless already registered, and registered too; its
+    claimed base, if any, is checked against the weights (the first line of the output).
+    """
+    import json
+
+    from lineage.engine import get_engine
+    from lineage.registry import CandidatePolicy, Registry, query
+    from lineage.registry.query import render_html, render_text
+
+    _check_output(html_path)
+    reg = Registry(db) if db else Registry()
+    eng = get_engine("local", 2)
+    try:
+        res = query(reg, model, eng, policy=CandidatePolicy(k=k, k_max=k))
+    finally:
+        eng.close()
+    click.echo(json.dumps(res.to_dict(), indent=2, default=str) if as_json else render_text(res), nl=not as_json)
+    if html_path:
+        Path(html_path).write_text(render_html(res), encoding="utf-8")
     return 0
 
 

@@ -60,6 +60,11 @@ class Engine(Protocol):
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Outcome[R]]: ...
 
+    def share(self, values: Sequence[Any]) -> list[Any]:
+        """Handles to ``values`` that tasks can take as (nested) arguments: the values themselves, or,
+        on Dask, futures of data scattered to the workers (the scheduler holds only their keys)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -95,6 +100,9 @@ class LocalEngine:
                 v, err, typ = f.result()
                 yield Outcome(futs[f], v, err, typ)
 
+    def share(self, values: Sequence[Any]) -> list[Any]:
+        return list(values)
+
     def close(self) -> None:
         """Nothing to release."""
 
@@ -112,11 +120,11 @@ class DaskEngine:
         self.workers = workers if workers > 0 else max(1, os.cpu_count() or 1)
         self._cluster = None
         if address:
-            self._client = Client(address)
+            self._client = Client(address, direct_to_workers=True)
         else:
             self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                          dashboard_address=None)
-            self._client = Client(self._cluster)
+            self._client = Client(self._cluster, direct_to_workers=True)
         log.info("dask engine: %s", self._client)
 
     def map(self, fn: Callable[[T], R], items: Sequence[T]) -> Iterator[Outcome[R]]:
@@ -127,6 +135,10 @@ class DaskEngine:
         for f in dask_completed(futs):
             v, err, typ = f.result()
             yield Outcome(index[f.key], v, err, typ)
+
+    def share(self, values: Sequence[Any]) -> list[Any]:
+        """Scatter ``values`` to the workers straight from this client (bytes never pass the scheduler)."""
+        return list(self._client.scatter(list(values), hash=False)) if values else []
 
     def close(self) -> None:
         self._client.close()
@@ -160,6 +172,10 @@ class RayEngine:
             for r in done:
                 v, err, typ = self._ray.get(r)
                 yield Outcome(index[r], v, err, typ)
+
+    def share(self, values: Sequence[Any]) -> list[Any]:
+        """Values go with the tasks (Ray puts large arguments in its object store itself)."""
+        return list(values)
 
     def close(self) -> None:
         """Leave the Ray runtime to its owner (it may be shared)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from lineage.fingerprint import (
     load_fingerprint,
     save_fingerprint,
 )
-from lineage.io.checkpoint import open_checkpoint
+from lineage.io.checkpoint import Checkpoint, open_checkpoint
 from lineage.roles import roles_for
 from lineage.progress import ProgressFn
 from lineage.report import ModelSummary, Report
@@ -41,15 +43,46 @@ def is_fingerprint(ref: str) -> bool:
     return str(ref).endswith(SUFFIX) and Path(ref).is_file()
 
 
+def fingerprint_checkpoint(ck: Checkpoint, ref: str, progress: ProgressFn | None = None
+                           ) -> tuple[Fingerprint, ModelSummary, int]:
+    """Fingerprint an open checkpoint; returns it with a summary and the number of HTTP range requests."""
+    rm = roles_for(ck)
+    # CheckpointModel gives the fingerprint row-span access: only the sample is read (see lineage.fingerprint)
+    fp = compute_fingerprint(CheckpointModel(ck, rm), rm.arch, ck.vocab(), progress=progress, source=str(ref))
+    summary = ModelSummary(ck.ref, ck.format, len(ck.tensors), ck.total_bytes, ck.bytes_read,
+                           rm.arch.family, rm.arch.n_layers, rm.arch.hidden, hub=ck.provenance,
+                           files=ck.file_integrity(), skipped_files=ck.skipped_files)
+    requests = sum(int(getattr(s, "requests", 0)) for s in ck.sources)
+    return fp, summary, requests
+
+
+def fingerprint_bytes(fp: Fingerprint) -> bytes:
+    """The ``.lfp`` file bytes of ``fp`` (what a registry stores), byte-for-byte reproducible.
+
+    The safetensors writer orders its JSON header as it likes; the header is rewritten with
+    sorted keys (same tensor offsets), so one fingerprint always has one content hash.
+    """
+    with tempfile.TemporaryDirectory(prefix="lineage-fp-") as d:
+        out = Path(d) / f"fp{SUFFIX}"
+        save_fingerprint(fp, out)
+        raw = out.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + raw[8 + n:]
+
+
+def fingerprint_from_bytes(data: bytes) -> Fingerprint:
+    """Parse and validate ``.lfp`` bytes (raises :class:`~lineage.errors.FingerprintError` naming the problem)."""
+    with tempfile.TemporaryDirectory(prefix="lineage-fp-") as d:
+        p = Path(d) / f"fp{SUFFIX}"
+        p.write_bytes(data)
+        return load_fingerprint(p)
+
+
 def _fingerprint(ref: str, progress: ProgressFn | None) -> tuple[Fingerprint, ModelSummary, int]:
     with open_checkpoint(ref) as ck:
-        rm = roles_for(ck)
-        # CheckpointModel gives the fingerprint row-span access: only the sample is read (see lineage.fingerprint)
-        fp = compute_fingerprint(CheckpointModel(ck, rm), rm.arch, ck.vocab(), progress=progress, source=str(ref))
-        summary = ModelSummary(ck.ref, ck.format, len(ck.tensors), ck.total_bytes, ck.bytes_read,
-                               rm.arch.family, rm.arch.n_layers, rm.arch.hidden, hub=ck.provenance,
-                               files=ck.file_integrity(), skipped_files=ck.skipped_files)
-        requests = sum(int(getattr(s, "requests", 0)) for s in ck.sources)
+        fp, summary, requests = fingerprint_checkpoint(ck, ref, progress)
     log.info("fingerprint of %s: read %d of %d bytes (%.2f%%) in %d range requests", ref, summary.bytes_read,
              summary.total_bytes, 100.0 * summary.bytes_read / max(1, summary.total_bytes), requests)
     return fp, summary, requests

@@ -1,32 +1,37 @@
 """Scan many models (folders, a Hugging Face cache, Hub organisations) and report their family tree.
 
-Pipeline (each stage runs on an :mod:`lineage.engine` — threads here, or a Dask / Ray cluster):
+Pipeline (fingerprinting and testing run on an :mod:`lineage.engine` — threads here, or a Dask /
+Ray cluster; the registry database stays in this process):
 
 1. **discover** the models (:mod:`lineage.io.discover`);
-2. **fingerprint** each one (:mod:`lineage.fpcompare`; reads only what the fingerprint needs,
-   so Hub models are not downloaded), cached on disk by reference and file signature so a
-   re-scan only fingerprints what changed;
-3. **compare fingerprints** pairwise (tasks are rows of the pair matrix, so each task loads
-   its row model once) — the independence test of :func:`lineage.fingerprint.compare_fingerprints`;
-4. optionally **confirm** each linked pair with the full weight comparison
+2. **register** each one (:mod:`lineage.registry`): its reference (Hub commit, or a content
+   signature of its files) is looked up in the registry, a stored entry is verified (content
+   hash of the fingerprint and of its record) and reused, anything new, changed or damaged is
+   fingerprinted (reading only the fingerprint's sample, so Hub models are not downloaded) —
+   damaged entries are listed in ``ScanResult.recomputed``;
+3. **shortlist** candidate pairs by the retrieval keys' nearest neighbours
+   (:class:`lineage.registry.search.CandidatePolicy`: ``k`` per model, plus close keys up to
+   ``k_max``) — ``n·k`` pairs, not ``n²``;
+4. **test** each candidate pair with the calibrated fingerprint test
+   (:func:`lineage.fingerprint.compare_fingerprints`); results are cached by fingerprint content,
+   so a re-scan of a grown set only tests pairs with a new model;
+5. optionally **confirm** each linked pair with the full weight comparison
    (:func:`lineage.compare.compare`), which adds the relation type and direction;
-5. **tree** (:func:`lineage.tree.build_tree`) over the links.
+6. **tree** (:func:`lineage.tree.build_tree`) over the links, and **claims**: each model's
+   claimed base (card, config, GGUF, safetensors metadata) checked against the weights.
 
 A model that cannot be read (bad file, missing shard, unsupported format) is reported with
 its error and left out; the scan goes on.  ``ScanResult.to_dict()`` follows the versioned
-schema ``lineage.scan/1``.
+schema ``lineage.scan/2``.
 
-Calibration: a link is drawn at fingerprint ``p ≤ alpha``; with ``n`` models there are
-``n(n−1)/2`` tests, so the default ``alpha`` is Bonferroni-corrected
-(``1e-3 / number of pairs``) — the family-wise chance of one false link among
-independent models is then at most 1e-3 under the fingerprint null (calibrated in
-``benchmarks/fingerprint_accuracy.py``).
+Calibration: a link is drawn at fingerprint ``p ≤ alpha``, by default ``1e-3 / (n(n−1)/2)``,
+Bonferroni over every pair the scan could have tested (the shortlist only skips tests) — the
+family-wise chance of one false link among independent models is at most 1e-3 under the
+fingerprint null (calibrated in ``benchmarks/fingerprint_accuracy.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -40,13 +45,31 @@ from lineage.engine import get_engine
 from lineage.errors import ConfigError
 from lineage.io.discover import ModelEntry, discover
 from lineage.progress import ProgressFn
+from lineage.registry.claims import STATUSES, ClaimCheck
+from lineage.registry.ingest import Ingested, ingest
+from lineage.registry.search import (
+    DEFAULT_K,
+    DEFAULT_K_MAX,
+    DEFAULT_TAU,
+    CandidatePolicy,
+    Confirmed,
+    candidate_pairs,
+    claim_for,
+    confirm,
+    name_table,
+    pair_p,
+    resolve_claim,
+)
+from lineage.registry.store import ModelRecord, Registry, default_db_path
 from lineage.tree import Link, Tree, build_tree
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "lineage.scan/1"
+SCHEMA = "lineage.scan/2"
 #: Family-wise error rate for drawing fingerprint links (divided by the number of pairs).
 FAMILY_ALPHA = 1e-3
+#: File name of the registry database inside ``--cache-dir``.
+DB_NAME = "registry.sqlite"
 
 
 @dataclass(frozen=True)
@@ -56,16 +79,28 @@ class ScanOptions:
     engine: str = "local"
     workers: int = 0
     address: str | None = None
-    cache_dir: str | None = None     # fingerprint cache (default: $LINEAGE_CACHE/fingerprints)
+    cache_dir: str | None = None     # folder of the registry database (default: the project's cache dir)
+    db: str | None = None            # the registry database file itself (overrides cache_dir)
     alpha: float | None = None       # per-pair link threshold (default FAMILY_ALPHA / pairs)
     confirm: bool = False            # full weight comparison of every linked pair
-    refresh: bool = False            # ignore cached fingerprints
+    refresh: bool = False            # ignore stored fingerprints
+    k: int = DEFAULT_K               # candidates per model (nearest retrieval keys)
+    k_max: int = DEFAULT_K_MAX       # … plus keys with cosine >= tau, up to k_max
+    tau: float = DEFAULT_TAU
 
     def __post_init__(self) -> None:
         if self.alpha is not None and not 0 < self.alpha < 1:
             raise ConfigError(f"alpha must be in (0, 1), not {self.alpha}")
         if self.workers < 0:
             raise ConfigError(f"workers must be >= 0, not {self.workers}")
+        if self.k < 1 or self.k_max < self.k:
+            raise ConfigError(f"need 1 <= k <= k_max, not k={self.k}, k_max={self.k_max}")
+
+    def db_path(self) -> Path:
+        """Where the registry database is."""
+        if self.db:
+            return Path(self.db)
+        return Path(self.cache_dir) / DB_NAME if self.cache_dir else default_db_path()
 
 
 @dataclass(frozen=True)
@@ -83,9 +118,11 @@ class ScannedModel:
     hidden: int | None = None
     total_bytes: int | None = None
     bytes_read: int | None = None
-    fingerprint: str | None = None
+    fingerprint: str | None = None     # content hash of its fingerprint in the registry
     cached: bool = False
     seconds: float | None = None
+    recomputed: str | None = None      # a stored entry failed verification and was recomputed: why
+    claims: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,69 +141,34 @@ class ScanPair:
 
 @dataclass(frozen=True)
 class ScanResult:
-    """Models, links and the family tree of a scan."""
+    """Models, links, the family tree and the claim checks of a scan."""
 
     models: tuple[ScannedModel, ...]
     pairs: tuple[ScanPair, ...]
     tree: Tree
-    n_compared: int
+    n_compared: int                 # candidate pairs whose test result was used
     alpha: float
     engine: str
     timing: dict[str, float] = field(default_factory=dict)
+    claims: tuple[ClaimCheck, ...] = ()
+    n_tested: int = 0               # … of which tested in this run (the rest came from the pair cache)
+    registry: str = ""
+
+    @property
+    def recomputed(self) -> tuple[ScannedModel, ...]:
+        return tuple(m for m in self.models if m.recomputed)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-JSON form (schema ``lineage.scan/1``)."""
+        """Plain-JSON form (schema ``lineage.scan/2``)."""
         return {"schema": SCHEMA, "engine": self.engine, "alpha": self.alpha, "n_compared": self.n_compared,
+                "n_tested": self.n_tested, "registry": self.registry,
+                "claims": [c.to_dict() for c in self.claims],
+                "claim_counts": {s: sum(c.status == s for c in self.claims) for s in STATUSES},
                 "models": [asdict(m) for m in self.models], "pairs": [asdict(p) for p in self.pairs],
                 "tree": self.tree.to_dict(), "timing": dict(self.timing)}
 
 
-# --------------------------------------------------------------------------- tasks (top level: picklable)
-
-
-def _signature(ref: str) -> str:
-    """What identifies a model's bytes: file names, sizes and mtimes for local paths; the ref for Hub ids."""
-    p = Path(ref)
-    h = hashlib.sha256(ref.encode())
-    if p.exists():
-        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-        for q in files:
-            st = q.stat()
-            h.update(f"{q.relative_to(p) if p.is_dir() else q.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:24]
-
-
-def fingerprint_task(job: tuple[str, str, bool]) -> dict[str, Any]:
-    """Fingerprint one model into the cache folder (reused when its signature is unchanged)."""
-    from lineage.fpcompare import write_fingerprint
-
-    ref, cache_dir, refresh = job
-    sig = _signature(ref)
-    out = Path(cache_dir) / f"{sig}.lfp"
-    meta = out.with_suffix(".json")
-    if not refresh and out.is_file() and meta.is_file():
-        try:
-            info = json.loads(meta.read_text())
-            info["cached"] = True
-            return info
-        except ValueError:
-            pass
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    t0 = time.perf_counter()
-    info = write_fingerprint(ref, tmp)
-    os.replace(tmp, out)
-    info.update(fingerprint=str(out), seconds=time.perf_counter() - t0, cached=False)
-    meta.write_text(json.dumps(info, default=str))
-    return info
-
-
-def compare_row_task(job: tuple[str, list[str]]) -> list[float]:
-    """log10 p of the fingerprint test between one fingerprint and each of several others."""
-    from lineage.fingerprint import compare_fingerprints, load_fingerprint
-
-    first, others = job
-    fa = load_fingerprint(first)
-    return [float(compare_fingerprints(fa, load_fingerprint(o)).log10_p) for o in others]
+# --------------------------------------------------------------------------- weight confirmation (engine task)
 
 
 def confirm_task(job: tuple[str, str]) -> dict[str, Any]:
@@ -186,20 +188,9 @@ def confirm_task(job: tuple[str, str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the scan
 
 
-def _cache_dir(opts: ScanOptions) -> Path:
-    if opts.cache_dir:
-        d = Path(opts.cache_dir)
-    else:
-        from lineage.io.cachedir import cache_path
-
-        d = cache_path("fingerprints")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def scan(sources: Sequence[str] | Sequence[ModelEntry], options: ScanOptions | None = None,
          progress: ProgressFn | None = None) -> ScanResult:
-    """Discover, fingerprint, compare and build the family tree of the models in ``sources``."""
+    """Discover, register, shortlist, test and build the family tree of the models in ``sources``."""
     opts = options or ScanOptions()
     t0 = time.perf_counter()
     entries = [s for s in sources if isinstance(s, ModelEntry)]
@@ -207,67 +198,94 @@ def scan(sources: Sequence[str] | Sequence[ModelEntry], options: ScanOptions | N
     entries += discover([str(p) for p in paths]) if paths else []
     if not entries:
         raise ConfigError("no models found in " + ", ".join(map(str, sources)))
-    cache = _cache_dir(opts)
+    reg = Registry(opts.db_path())
     engine = get_engine(opts.engine, opts.workers, opts.address)
     timing: dict[str, float] = {"discover_s": time.perf_counter() - t0}
     try:
-        models = _fingerprint_all(engine, entries, cache, opts.refresh, progress)
+        done = ingest(engine, reg, entries, refresh=opts.refresh, progress=progress)
         timing["fingerprint_s"] = time.perf_counter() - t0 - timing["discover_s"]
-        ok = [m for m in models if m.ok]
+        models = [_scanned(d) for d in done]
+        ok = [d for d in done if d.record is not None]
+        recs: list[ModelRecord] = [d.record for d in ok if d.record is not None]
+        labels = [d.entry.label for d in ok]
         n_pairs = len(ok) * (len(ok) - 1) // 2
         alpha = opts.alpha if opts.alpha is not None else FAMILY_ALPHA / max(1, n_pairs)
         t1 = time.perf_counter()
-        pairs = _compare_all(engine, ok, alpha, progress)
+        cands = candidate_pairs(recs, CandidatePolicy(opts.k, opts.tau, opts.k_max))
+        claimed = _claimed(reg, recs, labels)
+        wanted = [(recs[i].fp_hash, recs[j].fp_hash) for i, j in cands]
+        wanted += [(recs[i].fp_hash, r.fp_hash) for i, (r, _) in claimed.items()]
+        conf = confirm(engine, reg, wanted, progress=progress)
+        for f in conf.failed:
+            log.warning("fingerprint comparisons failed: %s", f)
         timing["compare_s"] = time.perf_counter() - t1
+        thr = math.log10(alpha)
+        pairs = [ScanPair(labels[i], labels[j], lp, "fingerprint") for i, j in sorted(cands)
+                 if (lp := pair_p(conf, recs[i].fp_hash, recs[j].fp_hash)) is not None and lp <= thr]
+        pairs.sort(key=lambda p: (p.a, p.b))
         if opts.confirm and pairs:
             t2 = time.perf_counter()
-            pairs = _confirm(engine, ok, pairs, progress)
+            pairs = _confirm(engine, {d.entry.label: d.entry.ref for d in ok}, pairs, progress)
             timing["confirm_s"] = time.perf_counter() - t2
     finally:
         engine.close()
-    tree = build_tree([m.label for m in ok], [_link(p, alpha) for p in pairs])
+    tree = build_tree(labels, [_link(p, alpha) for p in pairs])
+    checks = _claims(recs, labels, claimed, conf, thr, pairs, tree)
     timing["total_s"] = time.perf_counter() - t0
-    return ScanResult(tuple(models), tuple(pairs), tree, n_pairs, alpha, engine.name, timing)
+    return ScanResult(tuple(models), tuple(pairs), tree, len(cands), alpha, engine.name, timing, checks,
+                      conf.tested, str(reg.path))
 
 
-def _fingerprint_all(engine: Any, entries: list[ModelEntry], cache: Path, refresh: bool,
-                     progress: ProgressFn | None) -> list[ScannedModel]:
-    jobs = [(e.ref, str(cache), refresh) for e in entries]
-    done: dict[int, ScannedModel] = {}
-    for k, out in enumerate(engine.map(fingerprint_task, jobs)):
-        e = entries[out.index]
-        if out.ok and out.value is not None:
-            v = out.value
-            done[out.index] = ScannedModel(e.label, e.ref, e.origin, True, None, v.get("format"), v.get("family"),
-                                           v.get("layers"), v.get("hidden"), v.get("model_bytes"), v.get("bytes_read"),
-                                           v.get("fingerprint"), bool(v.get("cached")), v.get("seconds"))
-        else:
-            log.info("%s: %s", e.label, out.error)
-            done[out.index] = ScannedModel(e.label, e.ref, e.origin, False, f"{out.error_type}: {out.error}")
-        if progress is not None:
-            progress(k + 1, len(jobs), f"fingerprint {e.label}")
-    return [done[i] for i in range(len(entries))]
+def _scanned(d: Ingested) -> ScannedModel:
+    e = d.entry
+    if d.record is None:
+        return ScannedModel(e.label, e.ref, e.origin, False, d.error, recomputed=d.recomputed)
+    v = d.record.info_dict()
+    return ScannedModel(e.label, e.ref, e.origin, True, None, v.get("format"), v.get("family"),  # type: ignore[arg-type]
+                        v.get("layers"), v.get("hidden"), v.get("model_bytes"),  # type: ignore[arg-type]
+                        d.bytes_read if not d.cached else v.get("bytes_read"),  # type: ignore[arg-type]
+                        d.record.fp_hash, d.cached, d.seconds, d.recomputed, tuple(c for c, _ in d.record.claims))
 
 
-def _compare_all(engine: Any, ok: list[ScannedModel], alpha: float, progress: ProgressFn | None) -> list[ScanPair]:
-    rows = [(ok[i].fingerprint or "", [m.fingerprint or "" for m in ok[i + 1:]]) for i in range(len(ok) - 1)]
-    out: list[ScanPair] = []
-    thr = math.log10(alpha)
-    for k, res in enumerate(engine.map(compare_row_task, rows)):
-        i = res.index
-        if not res.ok or res.value is None:
-            log.warning("fingerprint comparisons of %s failed: %s", ok[i].label, res.error)
+def _claimed(reg: Registry, recs: Sequence[ModelRecord], labels: Sequence[str]) -> dict[int, tuple[ModelRecord, str]]:
+    """Scan position → (registered model its claim names, its label), for models whose claim resolves."""
+    names = name_table(recs, labels)
+    pos = {id(r): i for i, r in enumerate(recs)}
+    out: dict[int, tuple[ModelRecord, str]] = {}
+    for i, r in enumerate(recs):
+        claims = [c for c, _ in r.claims]
+        if not claims:
             continue
-        for j, lp in enumerate(res.value, start=i + 1):
-            if lp <= thr:
-                out.append(ScanPair(ok[i].label, ok[j].label, lp, "fingerprint"))
-        if progress is not None:
-            progress(k + 1, len(rows), f"compare {ok[i].label}")
-    return sorted(out, key=lambda p: (p.a, p.b))
+        hit = resolve_claim(claims, names)
+        if hit is None:  # outside this scan: anywhere in the registry
+            found = {c.lower(): x for c in claims for x in reg.by_repo(c)[:1]}
+            hit = resolve_claim(claims, found)
+            if hit is not None:
+                out[i] = (hit, hit.repo_id or hit.label)
+        elif hit is not r:
+            out[i] = (hit, labels[pos[id(hit)]])
+    return out
 
 
-def _confirm(engine: Any, ok: list[ScannedModel], pairs: list[ScanPair], progress: ProgressFn | None) -> list[ScanPair]:
-    ref = {m.label: m.ref for m in ok}
+def _claims(recs: Sequence[ModelRecord], labels: Sequence[str], claimed: dict[int, tuple[ModelRecord, str]],
+            conf: Confirmed, thr: float, pairs: Sequence[ScanPair], tree: Tree) -> tuple[ClaimCheck, ...]:
+    best: dict[str, tuple[str, float]] = {}
+    for p in pairs:
+        for x, y in ((p.a, p.b), (p.b, p.a)):
+            if x not in best or p.log10_p < best[x][1]:
+                best[x] = (y, p.log10_p)
+    plp = {(p.a, p.b): p.log10_p for p in pairs} | {(p.b, p.a): p.log10_p for p in pairs}
+    out = []
+    for i, r in enumerate(recs):
+        lab = labels[i]
+        parent = tree.parent_of(lab)
+        points = (parent, plp[(lab, parent)]) if parent is not None and (lab, parent) in plp else best.get(lab)
+        res, res_label = claimed.get(i, (None, None))
+        out.append(claim_for(lab, r, res, res_label, conf, thr, points))
+    return tuple(out)
+
+
+def _confirm(engine: Any, ref: dict[str, str], pairs: list[ScanPair], progress: ProgressFn | None) -> list[ScanPair]:
     out = list(pairs)
     for k, res in enumerate(engine.map(confirm_task, [(ref[p.a], ref[p.b]) for p in pairs])):
         p = pairs[res.index]
@@ -302,8 +320,19 @@ def _size(n: int | None) -> str:
     return f"{n}"
 
 
+def claims_headline(result: ScanResult) -> list[str]:
+    """The claim checks: counts per status, then one line per model (contradicted claims first)."""
+    if not result.claims:
+        return []
+    counts = ", ".join(f"{sum(c.status == st for c in result.claims)} {st}" for st in STATUSES)
+    order = {st: i for i, st in enumerate(("contradicted", "unverifiable", "confirmed", "parent found", "no parent"))}
+    lines = [f"Claims checked against the weights: {counts}."]
+    lines += ["  " + c.line() for c in sorted(result.claims, key=lambda c: (order[c.status], c.model))]
+    return lines
+
+
 def render_text(result: ScanResult, *, colour: bool = False) -> str:
-    """Terminal summary: models (read fraction, errors), the links, and the tree."""
+    """Terminal summary: the claim checks (headline), models (read fraction, errors), the links, and the tree."""
     from lineage.pvalue import format_p
     from lineage.render_text import Style
     from lineage.tree import render_text as tree_text
@@ -314,12 +343,18 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
     total = sum(m.total_bytes or 0 for m in ok)
     read = sum(m.bytes_read or 0 for m in ok if not m.cached)
     cached = sum(bool(m.cached) for m in ok)
-    lines = [s(f"Scanned {len(result.models)} models", "bold")
-             + f" ({len(ok) - cached} fingerprinted now + {cached} from cache + {len(bad)} failed) "
-             f"on the {result.engine} engine in {result.timing.get('total_s', 0):.1f} s; "
-             f"read {_size(read)} of {_size(total)}.",
-             f"{result.n_compared} pairs compared; link threshold p ≤ {result.alpha:.2g} per pair "
-             f"(family-wise {FAMILY_ALPHA:g}).", ""]
+    head = claims_headline(result)
+    lines = ([s(head[0], "bold")] + head[1:] + [""]) if head else []
+    lines += [s(f"Scanned {len(result.models)} models", "bold")
+              + f" ({len(ok) - cached} fingerprinted now + {cached} from the registry + {len(bad)} failed) "
+              f"on the {result.engine} engine in {result.timing.get('total_s', 0):.1f} s; "
+              f"read {_size(read)} of {_size(total)}.",
+              f"{result.n_compared} candidate pairs compared ({result.n_tested} tested now, the rest cached); "
+              f"link threshold p ≤ {result.alpha:.2g} per pair (family-wise {FAMILY_ALPHA:g}).", ""]
+    for m in result.recomputed:
+        lines.append(s("recomputed:", "yellow") + f" {m.label}: {m.recomputed}")
+    if result.recomputed:
+        lines.append("")
     if result.pairs:
         lines.append(s("Links", "bold"))
         for p in result.pairs:
@@ -331,3 +366,20 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
     for m in bad:
         lines.append(s("error:", "red") + f" {m.label}: {m.error}")
     return "\n".join(lines) + "\n"
+
+
+def render_html(result: ScanResult, title: str = "lineage scan") -> str:
+    """The drawn tree (:func:`lineage.tree.render_html`) headed by the claim checks and recomputed entries."""
+    import html
+
+    from lineage.tree import render_html as tree_html
+
+    pairs = [{"a": p.a, "b": p.b, "relation": p.relation, "log10_p": p.log10_p, "method": p.method}
+             for p in result.pairs]
+    page = tree_html(result.tree, title=title, pairs=pairs)
+    items = "".join(f"<li>{html.escape(x.strip())}</li>" for x in claims_headline(result)[1:])
+    items += "".join(f"<li>recomputed {html.escape(m.label)}: {html.escape(m.recomputed or '')}</li>"
+                     for m in result.recomputed)
+    head = claims_headline(result)
+    block = (f"<section id=\"claims\"><h2>{html.escape(head[0]) if head else 'Claims'}</h2><ul>{items}</ul></section>\n")
+    return page.replace("</h1>\n", "</h1>\n" + block, 1)

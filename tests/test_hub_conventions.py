@@ -229,13 +229,13 @@ def test_index_shards_only_and_adapter_base_with_a_copy(tmp_path):
 
 def test_cache_root_follows_lineage_cache_then_xdg(tmp_path, monkeypatch):
     from lineage.io.cachedir import cache_path, cache_root
-    from lineage.scan import ScanOptions, _cache_dir
+    from lineage.scan import ScanOptions
     from lineage.testing import zoo
 
     monkeypatch.delenv("LINEAGE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "lineage" == zoo.cache_root()
-    assert _cache_dir(ScanOptions()) == tmp_path / "xdg" / "lineage" / "fingerprints"
+    assert ScanOptions().db_path() == tmp_path / "xdg" / "lineage" / "registry.sqlite"  # the scan's registry
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # not absolute: ignored, as the spec says
     assert cache_root() == Path.home() / ".cache" / "lineage"
     monkeypatch.setenv("LINEAGE_CACHE", str(tmp_path / "own"))

@@ -39,6 +39,7 @@ LAYERS = {
     "lineage.tree": 6,
     "lineage.tree_draw": 6,
     "lineage.scan": 7,
+    "lineage.registry": 7,
     "lineage.family": 7,
     "lineage.verify": 7,
     "lineage.testing": 7,

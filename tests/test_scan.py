@@ -102,7 +102,7 @@ def test_scan_links_planted_families_and_caches_fingerprints(scan_dir: Path, tmp
     assert all(m.cached for m in again.models if m.ok)
     _check(again)
     d = json.loads(json.dumps(first.to_dict()))
-    assert d["schema"] == "lineage.scan/1" and len(d["models"]) == 8
+    assert d["schema"] == "lineage.scan/2" and len(d["models"]) == 8
 
 
 def test_scan_confirm_types_and_orients_the_links(scan_dir: Path, tmp_path: Path) -> None:
@@ -120,6 +120,12 @@ def test_scan_on_a_dask_cluster_gives_the_same_links(scan_dir: Path, tmp_path: P
     res = scan([str(scan_dir)], ScanOptions(engine="dask", workers=2, cache_dir=str(tmp_path / "fp")))
     assert res.engine == "dask"
     _check(res)
+    # fingerprints made and candidates tested on two worker processes equal the local engine's, bit for bit
+    local = scan([str(scan_dir)], ScanOptions(workers=2, cache_dir=str(tmp_path / "fp-local")))
+    assert res.n_tested == local.n_tested > 0 and not any(m.cached for m in res.models)
+    assert [(m.label, m.fingerprint) for m in res.models] == [(m.label, m.fingerprint) for m in local.models]
+    assert [(p.a, p.b, p.log10_p) for p in res.pairs] == [(p.a, p.b, p.log10_p) for p in local.pairs]
+    assert [c.to_dict() for c in res.claims] == [c.to_dict() for c in local.claims]
 
 
 def test_scan_cli_json_and_bad_source(scan_dir: Path, tmp_path: Path, capsys) -> None:
@@ -134,7 +140,7 @@ def test_scan_cli_json_and_bad_source(scan_dir: Path, tmp_path: Path, capsys) ->
         main(["scan", str(scan_dir), "--json", "--no-progress", "--keep-going", "--cache-dir", str(tmp_path / "fp")])
     assert e.value.code == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["schema"] == "lineage.scan/1" and d["version"]
+    assert d["schema"] == "lineage.scan/2" and d["version"]
     assert {(p["a"], p["b"]) for p in d["pairs"]} == EXPECTED_LINKS
     with pytest.raises(SystemExit) as e:
         main(["scan", str(tmp_path / "nothing-here"), "--no-progress"])
@@ -163,3 +169,25 @@ def test_scan_hub_organisation_over_http(tiny_models: dict[str, Path], tmp_path:
     assert all(m.ok and m.origin == "hub" for m in res.models)
     # read by HTTP ranges: each model's fingerprint read only part of its weights
     assert all(m.bytes_read is not None and 0 < m.bytes_read < m.total_bytes for m in res.models)
+
+
+def test_scan_cost_grows_as_n_k_and_a_rescan_tests_only_new_pairs(scan_dir: Path, tmp_path: Path) -> None:
+    import sqlite3
+
+    from lineage.io.discover import discover_folder
+
+    entries = [e for e in discover_folder(scan_dir) if e.label != "broken.safetensors"]
+    opts = ScanOptions(cache_dir=str(tmp_path / "fp"), workers=2, k=2, k_max=2)
+    first = scan(entries[:4], opts)
+    assert first.n_compared <= 4 * 2 and first.n_tested == first.n_compared
+    db = tmp_path / "fp" / "registry.sqlite"
+    with sqlite3.connect(db) as c:
+        before = set(c.execute("SELECT a, b FROM pairs").fetchall())
+    grown = scan(entries, opts)  # three more models
+    assert grown.n_compared <= 7 * 2 and grown.n_tested <= 3 * 2 + 4 * 2
+    with sqlite3.connect(db) as c:
+        new = set(c.execute("SELECT a, b FROM pairs").fetchall()) - before
+    old = {m.fingerprint for m in first.models}
+    assert len(new) == grown.n_tested and all(not (a in old and b in old) for a, b in new)
+    assert all(m.cached == (m.fingerprint in old) for m in grown.models)
+    assert {(p.a, p.b) for p in grown.pairs} == EXPECTED_LINKS
