@@ -546,24 +546,28 @@ def demo(out: str | None, as_json: bool, html_dir: str | None, explain: bool, no
 
 
 @cli.command()
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Device whose kernels are measured against its own copy bandwidth and matmul rate.")
 @click.option("--kernel", "kernels", multiple=True, help="Kernel to measure (repeat; default: all).")
 @click.option("--size", "sizes", multiple=True, help="Model size whose layer to use: 1B, 8B, 70B (repeat; default: all).")
 @click.option("--quick", is_flag=True, help="Smallest size (one 1B-model layer) and two repetitions.")
-@click.option("--json", "as_json", is_flag=True, help="Write the lineage.bench/1 JSON to stdout.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write an HTML roofline plot.")
+@_OPT_JSON
+@_OPT_OUTPUT
+@_OPT_HTML
 def bench(device: str, kernels: tuple[str, ...], sizes: tuple[str, ...], quick: bool, as_json: bool,
-          html_path: str | None) -> int:
+          output: str | None, html_path: str | None) -> int:
     """Measure the similarity kernels against this machine's copy bandwidth and matmul rate."""
     import json
 
+    _check_output(html_path)
+    _check_output(output)
     from lineage.bench import KERNELS, BenchConfig, render_html, render_text, run_bench, to_dict
 
     cfg = BenchConfig(device=device, kernels=kernels or KERNELS, sizes=sizes or None, quick=quick)
     report = run_bench(cfg, on_case=lambda r: log.info("%s %s %s done", r.kernel, r.variant, r.size))
     if html_path:
-        Path(html_path).write_text(render_html(report), encoding="utf-8")
-    click.echo(json.dumps(to_dict(report), indent=2) if as_json else render_text(report), nl=as_json)
+        _write_html(html_path, render_html(report))
+    _emit(json.dumps(to_dict(report), indent=2) + "\n" if as_json else render_text(report) + "\n", output)
     return 0
 
 

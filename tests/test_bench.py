@@ -40,7 +40,7 @@ def test_cli_json_and_html(tiny_size: str, tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["bench", "--kernel", "moments", "--size", tiny_size, "--quick", "--json",
                                    "--html", str(page)])
     assert res.exit_code == 0, res.output
-    doc = json.loads(res.output)
+    doc = json.loads(res.stdout)
     assert doc["schema"] == SCHEMA and doc["tool"]["version"]
     assert doc["config"]["quick"] and doc["config"]["sizes"] == [tiny_size]
     assert len(doc["results"]) == 7 and all(r["memcpy_ratio"] > 0 for r in doc["results"])
