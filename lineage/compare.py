@@ -312,8 +312,11 @@ def _compare_open(
     if not jobs and not rows_out:
         log.warning("no tensors could be paired between %s and %s", ca.ref, cb.ref)
     t_open = time.perf_counter()
+    c_open = time.process_time()
     moments, screens = _reduce_blocks(ca, cb, jobs, opts, device, progress)
     t_stream = time.perf_counter()
+    c_stream = time.process_time()
+    t_canon = c_canon = None
 
     evidence: list[MatrixEvidence] = []
     tied_embed = bool(getattr(ra.arch, "tied_embeddings", False) or getattr(rb.arch, "tied_embeddings", False))
@@ -348,6 +351,7 @@ def _compare_open(
         findings.append(Finding("warning", "canonicalisation skipped: non-finite weights; element-wise verdict only"))
     if opts.canonicalise and not nonfinite and verdict.relation not in ("identical", "not comparable"):
         canon, problem = _canonical(ca, cb, ra, rb, progress)
+        t_canon, c_canon = time.perf_counter(), time.process_time()
         if problem is not None:
             findings.append(problem)
         if canon is not None:
@@ -360,6 +364,7 @@ def _compare_open(
                                         width_changes, screens, progress)
             verdict = decide_canonical(verdict, canon.log10_p, canon.transforms, anatomy_dict, disguised)
     t_end = time.perf_counter()
+    c_end = time.process_time()
     return Report(
         a=_summary(ca, ra),
         b=_summary(cb, rb),
@@ -371,8 +376,21 @@ def _compare_open(
         canon=canon_dict,
         anatomy=anatomy_dict,
         timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "analysis_s": t_end - t_stream,
+                **_stage_times(t_stream, c_open, c_stream, t_canon, c_canon, t_end, c_end),
                 "total_s": t_end - t0},
     )
+
+
+def _stage_times(t_stream: float, c_open: float, c_stream: float, t_canon: float | None, c_canon: float | None,
+                 t_end: float, c_end: float) -> dict[str, float]:
+    """Wall and process-CPU seconds of the stages after opening (``canon`` only when it ran)."""
+    out = {"stream_cpu_s": c_stream - c_open}
+    if t_canon is not None and c_canon is not None:
+        out.update(canon_s=t_canon - t_stream, canon_cpu_s=c_canon - c_stream, anatomy_s=t_end - t_canon,
+                   anatomy_cpu_s=c_end - c_canon)
+    else:
+        out.update(anatomy_s=t_end - t_stream, anatomy_cpu_s=c_end - c_stream)
+    return out
 
 
 def _canonical(
