@@ -188,8 +188,8 @@ def build_disguised(base_dir: Path, folder: Path, shape: dict, seed: int) -> Pat
     return out
 
 
-def build_children(cfg: BenchConfig) -> tuple[Path, dict[str, Path]]:
-    """The base and every child of the chosen size (cached)."""
+def build_children(cfg: BenchConfig, names: list[str] | None = None) -> tuple[Path, dict[str, Path]]:
+    """The base and the children ``names`` (default: all of the size), built once and cached."""
     if cfg.size == "7b":
         a, b = build_llama_pair(cache_dir("bench", "llama7b-pair"), 0.01, 0, SEVEN_B)
         return a, {"noise": b, "no-canon": b}
@@ -199,12 +199,15 @@ def build_children(cfg: BenchConfig) -> tuple[Path, dict[str, Path]]:
     from bench_anatomy import build_child
 
     folder = cache_dir("bench", "tinyllama-anatomy")
-    kids = {"noise": b, "no-canon": b,
-            "finetune": build_finetune(a, cache_dir("bench", "tinyllama-children"), TINYLLAMA, cfg.seed),
-            "lora16-qv": build_child(a, folder, CHILDREN["lora16-qv-bf16"], AnatomyConfig()),
-            "lora16-qv-int8": build_child(a, folder, CHILDREN["lora16-qv-int8"], AnatomyConfig()),
-            "disguised": build_disguised(a, cache_dir("bench", "tinyllama-children"), TINYLLAMA, cfg.seed)}
-    return a, kids
+    other = cache_dir("bench", "tinyllama-children")
+    makers = {
+        "noise": lambda: b, "no-canon": lambda: b,
+        "finetune": lambda: build_finetune(a, other, TINYLLAMA, cfg.seed),
+        "lora16-qv": lambda: build_child(a, folder, CHILDREN["lora16-qv-bf16"], AnatomyConfig()),
+        "lora16-qv-int8": lambda: build_child(a, folder, CHILDREN["lora16-qv-int8"], AnatomyConfig()),
+        "disguised": lambda: build_disguised(a, other, TINYLLAMA, cfg.seed),
+    }
+    return a, {n: makers[n]() for n in (names or list(makers))}
 
 
 # ----------------------------------------------------------------------------- report rows
@@ -259,11 +262,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = BenchConfig(runs=args.runs, size=args.size, device=args.device)
     t0 = time.perf_counter()
-    base, kids = build_children(cfg)
+    wanted = [c for c in args.children.split(",") if c] or None
+    base, kids = build_children(cfg, None if wanted is None else sorted(set(wanted) | {"noise"}))
     log.info("pairs ready in %.0f s", time.perf_counter() - t0)
     if args.build_only:
         return
-    names = [c for c in args.children.split(",") if c] or list(kids)
+    names = wanted or list(kids)
     lineage = shutil.which("lineage", path=str(Path(sys.executable).parent)) or "lineage"
     fa, fb = base / "model.safetensors", kids["noise"] / "model.safetensors"
     res: dict = {

@@ -47,7 +47,7 @@ _FINER = {"bf16": 0, "fp16": 1, "fp32": 2}
 class ScreenConfig:
     """Knobs of the screen (defaults checked by tests/test_screen.py)."""
 
-    min_elems: int = 1 << 20       # modules below this size are not screened (exact work)
+    min_elems: int = 1 << 19       # modules below this size are not screened (exact work)
     sketch_k: int = 32             # sketch columns
     sketch_stride: int = 4         # every stride-th row enters the sketch
     sample_rows: int = 128         # lattice sample (detect_grid's max_rows, as the anatomy uses it)
