@@ -16,6 +16,7 @@ LAYERS = {
     "lineage.engine": 1,
     "lineage.plots": 1,
     "lineage.signals": 2,
+    "lineage.stream": 2,
     "lineage.pairing": 2,
     "lineage.lazyroles": 2,
     "lineage.canon": 3,
