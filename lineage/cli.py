@@ -51,10 +51,16 @@ def cli(debug: bool, verbose: int) -> None:
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True, help="Write the versioned JSON report to stdout.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write a self-contained HTML report.")
-@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the streaming pass (moments, sketches) runs; auto picks CUDA when present.")
 @click.option("--expect", type=click.Choice(["derived", "unrelated"]), help="Exit 1 unless the verdict agrees (for CI).")
 @click.option("--tensors", is_flag=True, help="Also print the per-tensor table.")
-@click.option("--no-canon", is_flag=True, help="Skip canonicalisation (element-wise comparison only).")
+@click.option("--no-canon", is_flag=True,
+              help="Element-wise comparison alone: one read of each file (moments of every tensor, verdict and "
+                   "p-value from them). Skipped: the canonical test (a second read; undoes permutations, "
+                   "rotations and gains: the calibrated p-value for disguised pairs) and the anatomy (relation, "
+                   "LoRA rank and modules, quantisation format, direction; exact work only on the modules the "
+                   "streamed screen flags).")
 @click.option("--adapter", "adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter folder: verify B = A + adapter.")
 @click.option("--parents", "-p", "parents", multiple=True,
               help="Candidate merge parent of B (repeat): B is fitted as a merge of them.")
