@@ -402,8 +402,9 @@ def _canonical(
     swap = (rb.arch.hidden or 0) > (ra.arch.hidden or 0)
     (x, rx), (y, ry) = ((cb, rb), (ca, ra)) if swap else ((ca, ra), (cb, rb))
     try:
+        staged = None if progress is None else (lambda d, t, label: progress(d, t, f"canonical test: {label}"))
         res = canonical_compare(CheckpointModel(x, rx), CheckpointModel(y, ry), rx.arch, ry.arch,
-                                x.vocab(), y.vocab(), progress=progress)
+                                x.vocab(), y.vocab(), progress=staged)
     except LineageError as e:
         return None, Finding("warning", f"canonicalisation not possible ({e}); element-wise verdict only")
     except (RuntimeError, ValueError, IndexError) as e:  # numerical failure on odd shapes
