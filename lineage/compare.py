@@ -32,6 +32,7 @@ from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
 from lineage.verdict import DERIVED_P, MatrixEvidence, decide, decide_canonical, p_from_log10
 from lineage.stream.screen import BlockPart, ModuleScreen, ScreenBuilder, ScreenConfig
+from lineage_kernels.moments import pair_moments
 from lineage_kernels.threads import single_threaded
 
 log = logging.getLogger(__name__)
@@ -178,16 +179,24 @@ def _reduce_blocks(
         left[j] = len(range(0, job.rows, max(1, opts.block_elems // max(1, meta.row_numel)))) if job.plain else 1
     tick = _Ticker(progress, "reading", total)
 
-    def reduce(i: int, r0: int, xa: torch.Tensor, xb: torch.Tensor) -> tuple[int, int, BlockPart]:
+    # the element-wise comparison alone (--no-canon) needs the seven moment sums only
+    elementwise = not opts.canonicalise
+
+    def reduce(i: int, r0: int, xa: torch.Tensor, xb: torch.Tensor) -> tuple[int, int, BlockPart | torch.Tensor]:
         if xa.shape != xb.shape:
             raise LineageError(f"internal: block shapes differ for {jobs[i].role}: {tuple(xa.shape)} vs {tuple(xb.shape)}")
         if device.type != "cpu":
             xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
-        return i, xa.numel(), builders[i].part(r0, xa, xb)
+        return i, xa.numel(), pair_moments(xa, xb) if elementwise else builders[i].part(r0, xa, xb)
 
-    def collect(result: tuple[int, int, BlockPart]) -> None:
+    def collect(result: tuple[int, int, BlockPart | torch.Tensor]) -> None:
         nonlocal done
         i, n, part = result
+        if isinstance(part, torch.Tensor):
+            moments[i] += part
+            done += n
+            tick(done, jobs[i].role)
+            return
         builders[i].add(part)
         left[i] -= 1
         if left[i] == 0:
@@ -206,7 +215,7 @@ def _reduce_blocks(
             collect(reduce(*item))
         return moments, screens
     with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="lineage-reduce") as pool:
-        pending: deque[Future[tuple[int, int, BlockPart]]] = deque()
+        pending: deque[Future[tuple[int, int, BlockPart | torch.Tensor]]] = deque()
         for item in blocks:
             pending.append(pool.submit(reduce, *item))
             while len(pending) > workers:
