@@ -125,8 +125,9 @@ def expected_modules(child: Child, layers: int) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--mode", choices=["elementwise", "full"], default="elementwise",
-                    help="elementwise: --no-canon (anatomy runs on the raw pairing); full: with the canonical test")
+    ap.add_argument("--mode", choices=["elementwise", "full"], default="full",
+                    help="full: the default compare (canonical test, then the anatomy); elementwise: --no-canon, "
+                         "which since issue 13 is the element-wise comparison alone (no anatomy)")
     ap.add_argument("--children", default=",".join(CHILDREN), help="comma-separated subset of " + ",".join(CHILDREN))
     ap.add_argument("--build-only", action="store_true")
     args = ap.parse_args()

@@ -28,12 +28,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from lineage.lazyroles import PairView, is_lazy, map_roles, numel_of, remember, shape_of
+from lineage.lazyroles import PairView, is_lazy, map_roles, numel_of, recall, remember, shape_of
 from lineage.signals.direction import direction
 from lineage.signals.lowrank import LowRankConfig, lowrank, lowrank_key, lowrank_modules, summarise
 from lineage.signals.merge import fit_merge
-from lineage.signals.pairstats import memo_pair_stats, pair_stats
+from lineage.progress import ProgressFn
+from lineage.signals.pairstats import memo_pair_stats, pair_stats, pair_stats_key
 from lineage.signals.quantgrid import detect_grid, detect_key, detect_modules, rounds_exactly
+from lineage.stream.screen import ModuleScreen
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,9 @@ class AlignedPair:
     #: complete role maps of both models (all shapes), for the direction of shape surgery
     full_a: Mapping[str, torch.Tensor] | None = None
     full_b: Mapping[str, torch.Tensor] | None = None
+    #: per-module screening statistics from the streaming pass (:mod:`lineage.stream.screen`): modules
+    #: they settle get no exact work (they must describe exactly ``a`` and ``b`` as given)
+    screens: Mapping[str, ModuleScreen] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -96,11 +101,14 @@ def explain(
     parents: Sequence[Mapping[str, torch.Tensor]] | None = None,
     base: Mapping[str, torch.Tensor] | None = None,
     config: AnatomyConfig | None = None,
+    progress: ProgressFn | None = None,
 ) -> Relation:
     """Name the relation of ``pair.b`` to ``pair.a`` with evidence (see module docstring).
 
     ``parents`` (and optionally their common ``base``) make the merge hypothesis
-    testable: B is then fitted as a merge of them.
+    testable: B is then fitted as a merge of them.  ``pair.screens`` (streamed per-module
+    statistics) let modules they settle skip the exact signals; ``progress`` is called as
+    ``progress(done, total, "anatomy: role")`` per module of the first pass.
     """
     cfg = config or AnatomyConfig()
     a, b = pair.a, pair.b
@@ -115,14 +123,34 @@ def explain(
     # 1. related at all?
     speculate = workers is None and isinstance(getattr(a, "memo", None), dict)
 
+    screens = pair.screens
+
+    def screened(r: str) -> tuple[bool, float | None]:
+        """``(settled, pearson)``: the module's first-pass results from its screen (not settled: exact work)."""
+        sc = screens[r]
+        st = remember(a, pair_stats_key(b, r), lambda: sc.stats)
+        if len(shape_of(a, r)) != 2:
+            return True, st.pearson
+        for child, pm, cm in (("b", a, b), ("a", b, a)):  # both orientations, when the screen settles them
+            lr, qg = sc.lowrank(child), sc.quant(child)
+            if lr is not None and qg is not None:
+                remember(pm, detect_key(cm, r, 128), lambda qg=qg: qg)
+                remember(pm, lowrank_key(cm, r, cfg.lowrank), lambda lr=lr: lr)
+        return recall(a, lowrank_key(b, r, cfg.lowrank)) is not None, st.pearson
+
     def first_pass(r: str) -> float | None:
         # Read-on-access models: each module is read once here.  Besides its correlation, the
         # per-module results later steps need are computed now for the orientation a → b (the
         # usual one) and remembered on ``a``; if B turns out to be the parent they are recomputed.
+        # Modules the streamed screen settles are not read at all.
         if not speculate:
             return memo_pair_stats(a, b, r).pearson
+        if r in screens:
+            settled, p = screened(r)
+            if settled:
+                return p
         x, y = a[r], b[r]
-        st = remember(a, ("pair_stats", id(b), r), lambda: pair_stats(x, y))
+        st = remember(a, pair_stats_key(b, r), lambda: pair_stats(x, y))
         if x.dim() == 2:
             qg = remember(a, detect_key(b, r, 128), lambda: detect_grid(y, x, max_rows=128))
             # a module that is exactly the parent quantised needs no decomposition (int8 children:
@@ -132,7 +160,12 @@ def explain(
                      lambda: lowrank(x, y, config=cfg.lowrank, quantised_only=only, quant_grid=qg))
         return st.pearson
 
-    pears = [p for _, p in map_roles(first_pass, roles, workers=workers) if p is not None]
+    pears = []
+    for i, (r, p) in enumerate(map_roles(first_pass, roles, workers=workers), start=1):
+        if p is not None:
+            pears.append(p)
+        if progress is not None:
+            progress(i, len(roles), f"anatomy: {r}")
     sizes = sorted(numel_of(a, r) for r in roles)
     med_r = sorted(pears)[len(pears) // 2] if pears else 0.0
     details["pearson_median"] = med_r
@@ -146,7 +179,8 @@ def explain(
     # 2. depth / width surgery
     surgery = bool(pair.dropped_layers or pair.width_changes) or (
         pair.layers_a is not None and pair.layers_b is not None and pair.layers_a != pair.layers_b)
-    dirn = direction(a, b, full_a=pair.full_a, full_b=pair.full_b) if surgery else direction(a, b)
+    dirn = direction(a, b, full_a=pair.full_a, full_b=pair.full_b, screens=screens) if surgery \
+        else direction(a, b, screens=screens)
     details["direction"] = dirn.to_dict()
     if surgery:
         parent = dirn.parent
@@ -166,7 +200,7 @@ def explain(
     P, C = (a, b) if parent_side == "a" else (b, a)
 
     # 4. identical / re-encoded
-    if all(torch.equal(P[r], C[r]) for r in roles):
+    if all(screens[r].changed == 0 if r in screens else torch.equal(P[r], C[r]) for r in roles):
         return Relation("identical", None, 1.0, {**details, "encoding": "same values"})
     mats = PairView(P, C, [r for r in roles if len(shape_of(P, r)) == 2])
     lr, summ = lowrank_modules(mats, cfg.lowrank)

@@ -162,10 +162,16 @@ def cli(debug: bool, verbose: int, quiet: bool) -> None:
 @_OPT_JSON
 @_OPT_OUTPUT
 @_OPT_HTML
-@_OPT_DEVICE
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the streaming pass (moments, sketches) runs; auto picks CUDA when present.")
 @click.option("--expect", type=click.Choice(["derived", "unrelated"]), help="Exit 1 unless the verdict agrees (for CI).")
 @_OPT_TENSORS
-@click.option("--no-canon", is_flag=True, help="Skip canonicalisation (element-wise comparison only).")
+@click.option("--no-canon", is_flag=True,
+              help="Element-wise comparison alone: one read of each file (moments of every tensor, verdict and "
+                   "p-value from them). Skipped: the canonical test (a second read; undoes permutations, "
+                   "rotations and gains: the calibrated p-value for disguised pairs) and the anatomy (relation, "
+                   "LoRA rank and modules, quantisation format, direction; exact work only on the modules the "
+                   "streamed screen flags).")
 @click.option("--adapter", "adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter folder: verify B = A + adapter.")
 @click.option("--parents", "-p", "parents", multiple=True,
               help="Candidate merge parent of B (repeat): B is fitted as a merge of them.")

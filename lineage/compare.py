@@ -31,6 +31,7 @@ from lineage.progress import ProgressFn
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
 from lineage.verdict import DERIVED_P, MatrixEvidence, decide, decide_canonical, p_from_log10
+from lineage.stream.screen import BlockPart, ModuleScreen, ScreenBuilder, ScreenConfig
 from lineage_kernels.moments import pair_moments
 from lineage_kernels.threads import single_threaded
 
@@ -53,6 +54,8 @@ class CompareOptions:
     #: Threads reducing blocks on the CPU (0: one per core).  Each runs torch single-threaded:
     #: OpenMP intra-op threads spin and collapse under oversubscription.
     workers: int = 0
+    #: Per-module screening statistics gathered while streaming (they decide where the anatomy works exactly).
+    screen: ScreenConfig = ScreenConfig()
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -96,27 +99,27 @@ def _is_plain(view: Any) -> bool:
 
 def _block_pairs(
     ca: Checkpoint, cb: Checkpoint, job: _Job, block_elems: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     if job.plain:
         meta = ca.tensors[job.view_a.tensor]
         per = max(1, block_elems // max(1, meta.row_numel))
         for s in range(0, job.rows, per):
             e = min(job.rows, s + per)
-            yield ca.read_raw(job.view_a.tensor, s, e), cb.read_raw(job.view_b.tensor, s, e)
+            yield s, ca.read_raw(job.view_a.tensor, s, e), cb.read_raw(job.view_b.tensor, s, e)
     else:
         ta, tb = read_role(ca, job.view_a), read_role(cb, job.view_b)
-        yield ta[: job.rows], tb[: job.rows]
+        yield 0, ta[: job.rows], tb[: job.rows]
 
 
 def _stream(
     ca: Checkpoint, cb: Checkpoint, jobs: list[_Job], block_elems: int, prefetch: bool
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(job_index, block_a, block_b)``, reading ahead on a thread when ``prefetch``."""
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(job_index, first_row, block_a, block_b)``, reading ahead on a thread when ``prefetch``."""
 
-    def produce() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def produce() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
         for i, job in enumerate(jobs):
-            for xa, xb in _block_pairs(ca, cb, job, block_elems):
-                yield i, xa, xb
+            for r0, xa, xb in _block_pairs(ca, cb, job, block_elems):
+                yield i, r0, xa, xb
 
     if not prefetch:
         yield from produce()
@@ -157,42 +160,80 @@ def _stream(
 def _reduce_blocks(
     ca: Checkpoint, cb: Checkpoint, jobs: list[_Job], opts: CompareOptions,
     device: torch.device, progress: ProgressFn | None,
-) -> list[torch.Tensor]:
-    """Moment sums of every job, streamed block by block (blocks summed in order: deterministic)."""
-    total = sum(j.rows * ca.tensors[j.view_a.tensor].row_numel for j in jobs) or 1
-    moments = [torch.zeros(7, dtype=torch.float64) for _ in jobs]
-    done = 0
+) -> tuple[list[torch.Tensor], dict[str, ModuleScreen]]:
+    """Moment sums and screening statistics of every job, streamed block by block.
 
-    def reduce(i: int, xa: torch.Tensor, xb: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    Each block pair is reduced on a worker (moments, sketch, samples: :class:`ScreenBuilder.part`);
+    the parts are merged in stream order, so the result does not depend on the worker count.
+    Returns the seven moment sums per job (see :mod:`lineage_kernels.moments`) and the
+    :class:`ModuleScreen` of every job compared on its whole shape, by role.
+    """
+    total = sum(j.rows * ca.tensors[j.view_a.tensor].row_numel for j in jobs) or 1
+    builders = [ScreenBuilder(j.role, j.shape_a if j.full else (j.rows, *j.shape_a[1:]), opts.screen) for j in jobs]
+    moments: list[torch.Tensor] = [torch.zeros(7, dtype=torch.float64) for _ in jobs]
+    screens: dict[str, ModuleScreen] = {}
+    done = 0
+    left = [0] * len(jobs)
+    for j, job in enumerate(jobs):
+        meta = ca.tensors[job.view_a.tensor]
+        left[j] = len(range(0, job.rows, max(1, opts.block_elems // max(1, meta.row_numel)))) if job.plain else 1
+    tick = _Ticker(progress, "reading", total)
+
+    # the element-wise comparison alone (--no-canon) needs the seven moment sums only
+    elementwise = not opts.canonicalise
+
+    def reduce(i: int, r0: int, xa: torch.Tensor, xb: torch.Tensor) -> tuple[int, int, BlockPart | torch.Tensor]:
         if xa.shape != xb.shape:
             raise LineageError(f"internal: block shapes differ for {jobs[i].role}: {tuple(xa.shape)} vs {tuple(xb.shape)}")
         if device.type != "cpu":
             xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
-        return i, xa.numel(), pair_moments(xa, xb)
+        return i, xa.numel(), pair_moments(xa, xb) if elementwise else builders[i].part(r0, xa, xb)
 
-    def collect(result: tuple[int, int, torch.Tensor]) -> None:
+    def collect(result: tuple[int, int, BlockPart | torch.Tensor]) -> None:
         nonlocal done
-        i, n, m = result
-        moments[i] += m
+        i, n, part = result
+        if isinstance(part, torch.Tensor):
+            moments[i] += part
+            done += n
+            tick(done, jobs[i].role)
+            return
+        builders[i].add(part)
+        left[i] -= 1
+        if left[i] == 0:
+            sc = builders[i].finish()
+            moments[i] = sc.moments.pair_moments()
+            if jobs[i].full:
+                screens[jobs[i].role] = sc
+            builders[i] = None  # type: ignore[call-overload]  # its samples are no longer needed
         done += n
-        if progress is not None:
-            progress(done, total, jobs[i].role)
+        tick(done, jobs[i].role)
 
     blocks = _stream(ca, cb, jobs, opts.block_elems, opts.prefetch)
     workers = opts.workers or (os.cpu_count() or 1)
     if device.type != "cpu" or workers == 1:
         for item in blocks:
             collect(reduce(*item))
-        return moments
+        return moments, screens
     with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="lineage-reduce") as pool:
-        pending: deque[Future[tuple[int, int, torch.Tensor]]] = deque()
+        pending: deque[Future[tuple[int, int, BlockPart | torch.Tensor]]] = deque()
         for item in blocks:
             pending.append(pool.submit(reduce, *item))
             while len(pending) > workers:
                 collect(pending.popleft().result())
         while pending:
             collect(pending.popleft().result())
-    return moments
+    return moments, screens
+
+
+class _Ticker:
+    """Progress of one stage: ``progress(done, total, "stage: label")``."""
+
+    def __init__(self, progress: ProgressFn | None, stage: str, total: int) -> None:
+        self.progress, self.stage, self.total = progress, stage, total
+
+    def __call__(self, done: int, label: str) -> None:
+        if self.progress is not None:
+            self.progress(done, self.total, f"{self.stage}: {label}")
 
 
 def _summary(ckpt: Checkpoint, roles: RoleMap) -> ModelSummary:
@@ -283,8 +324,11 @@ def _compare_open(
     if not jobs and not rows_out:
         log.warning("no tensors could be paired between %s and %s", ca.ref, cb.ref)
     t_open = time.perf_counter()
-    moments = _reduce_blocks(ca, cb, jobs, opts, device, progress)
+    c_open = time.process_time()
+    moments, screens = _reduce_blocks(ca, cb, jobs, opts, device, progress)
     t_stream = time.perf_counter()
+    c_stream = time.process_time()
+    t_canon = c_canon = None
 
     evidence: list[MatrixEvidence] = []
     tied_embed = bool(getattr(ra.arch, "tied_embeddings", False) or getattr(rb.arch, "tied_embeddings", False))
@@ -319,6 +363,7 @@ def _compare_open(
         findings.append(Finding("warning", "canonicalisation skipped: non-finite weights; element-wise verdict only"))
     if opts.canonicalise and not nonfinite and verdict.relation not in ("identical", "not comparable"):
         canon, problem = _canonical(ca, cb, ra, rb, progress)
+        t_canon, c_canon = time.perf_counter(), time.process_time()
         if problem is not None:
             findings.append(problem)
         if canon is not None:
@@ -328,11 +373,10 @@ def _compare_open(
                 anatomy_dict, disguised = _realigned_anatomy(ca, cb, ra, rb, canon, verdict, findings, width_changes)
             if anatomy_dict is None and not disguised:
                 anatomy_dict = _anatomy(ca, cb, pairing, verdict, canon.log10_p, findings, ra, rb, canon,
-                                        width_changes)
+                                        width_changes, screens, progress)
             verdict = decide_canonical(verdict, canon.log10_p, canon.transforms, anatomy_dict, disguised)
-    elif verdict.relation != "identical" and not opts.canonicalise:
-        anatomy_dict = _anatomy(ca, cb, pairing, verdict, verdict.log10_p, findings, ra, rb, None, width_changes)
     t_end = time.perf_counter()
+    c_end = time.process_time()
     return Report(
         a=_summary(ca, ra),
         b=_summary(cb, rb),
@@ -344,8 +388,21 @@ def _compare_open(
         canon=canon_dict,
         anatomy=anatomy_dict,
         timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "analysis_s": t_end - t_stream,
+                **_stage_times(t_stream, c_open, c_stream, t_canon, c_canon, t_end, c_end),
                 "total_s": t_end - t0},
     )
+
+
+def _stage_times(t_stream: float, c_open: float, c_stream: float, t_canon: float | None, c_canon: float | None,
+                 t_end: float, c_end: float) -> dict[str, float]:
+    """Wall and process-CPU seconds of the stages after opening (``canon`` only when it ran)."""
+    out = {"stream_cpu_s": c_stream - c_open}
+    if t_canon is not None and c_canon is not None:
+        out.update(canon_s=t_canon - t_stream, canon_cpu_s=c_canon - c_stream, anatomy_s=t_end - t_canon,
+                   anatomy_cpu_s=c_end - c_canon)
+    else:
+        out.update(anatomy_s=t_end - t_stream, anatomy_cpu_s=c_end - c_stream)
+    return out
 
 
 def _canonical(
@@ -357,8 +414,9 @@ def _canonical(
     swap = (rb.arch.hidden or 0) > (ra.arch.hidden or 0)
     (x, rx), (y, ry) = ((cb, rb), (ca, ra)) if swap else ((ca, ra), (cb, rb))
     try:
+        staged = None if progress is None else (lambda d, t, label: progress(d, t, f"canonical test: {label}"))
         res = canonical_compare(CheckpointModel(x, rx), CheckpointModel(y, ry), rx.arch, ry.arch,
-                                x.vocab(), y.vocab(), progress=progress)
+                                x.vocab(), y.vocab(), progress=staged)
     except LineageError as e:
         return None, Finding("warning", f"canonicalisation not possible ({e}); element-wise verdict only")
     except (RuntimeError, ValueError, IndexError) as e:  # numerical failure on odd shapes
@@ -377,6 +435,7 @@ ANATOMY_MAX_BYTES = 1 << 30
 def _anatomy(
     ca: Checkpoint, cb: Checkpoint, pairing: Any, verdict: Any, log10_p: float | None, findings: list[Finding],
     ra: RoleMap, rb: RoleMap, canon: Any | None, width_changes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+    screens: dict[str, ModuleScreen] | None = None, progress: ProgressFn | None = None,
 ) -> dict[str, Any] | None:
     """Typed relation of B to A (LoRA rank, quantisation, fine-tune…) on the raw pairing.
 
@@ -427,7 +486,9 @@ def _anatomy(
         full_b = LazyRoles(lambda r: read_role(cb, rb.roles[r]), {r: tuple(v.shape) for r, v in rb.roles.items()})
     try:
         rel = explain(AlignedPair(a, b, p_value=p, layers_a=ra.n_layers, layers_b=rb.n_layers, dropped_layers=dropped,
-                                  width_changes=width_changes, full_a=full_a, full_b=full_b))
+                                  width_changes=width_changes, full_a=full_a, full_b=full_b,
+                                  screens={r: sc for r, sc in (screens or {}).items() if r in shapes}),
+                      progress=progress)
     except (RuntimeError, ValueError) as e:  # numerical failure: report, keep the verdict
         log.debug("anatomy failed", exc_info=True)
         findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
@@ -435,6 +496,7 @@ def _anatomy(
     out = rel.to_dict()
     out["summary"] = _anatomy_summary(out)
     out["timing_s"] = time.perf_counter() - t0
+    out["exact_reads"] = {"a": a.reads, "b": b.reads}
     log.info("anatomy: %s in %.1f s (%d + %d tensor reads)", rel.relation, out["timing_s"], a.reads, b.reads)
     return out
 

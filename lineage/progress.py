@@ -17,11 +17,17 @@ from typing import Any, Callable, TextIO
 #: ``progress(done, total, label)`` (keywords ``stage`` and ``unit`` optional).
 ProgressFn = Callable[..., None]
 
+#: Stages of a compare (labels "stage: item") and the unit their counts are in.
+_STAGE_UNITS = {"reading": "elem", "canonical test": "step", "anatomy": "module"}
+
 _ROLE = re.compile(r"^(L\d+\.|embed|lm_head|final_norm|pos_embed)")
 
 
 def stage_of(label: str) -> tuple[str, str]:
     """Stage name and unit inferred from a label, for callers that pass no ``stage``."""
+    head, sep, _ = label.partition(": ")
+    if sep and head in _STAGE_UNITS:  # the compare pipeline's labels: "reading: L3.attn.q"
+        return head, _STAGE_UNITS[head]
     first = label.split(" ", 1)[0]
     if first in ("fingerprint", "compare", "confirm"):
         return {"fingerprint": "fingerprinting", "compare": "comparing fingerprints",

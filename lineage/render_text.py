@@ -171,6 +171,9 @@ def render_text(report: Report, *, colour: bool = False, tensors: bool = False, 
         tag = {"error": "red", "warning": "yellow"}.get(f.severity, "dim")
         where = f" [{f.model}{': ' + f.tensor if f.tensor else ''}]" if f.model else ""
         out.append(s(f"{f.severity}:", tag) + f"{where} {f.message}")
+    out.append(s(f"read A {_bytes(report.a.bytes_read)} of {_bytes(report.a.total_bytes)}, B {_bytes(report.b.bytes_read)} "
+                 f"of {_bytes(report.b.total_bytes)}" + (f" in {report.timing['total_s']:.1f} s" if report.timing.get(
+                     "total_s") is not None else ""), "dim"))
     return "\n".join(out) + "\n"
 
 

@@ -19,6 +19,7 @@ LAYERS = {
     "lineage.provenance": 1,
     "lineage.signals": 2,
     "lineage.roles": 2,
+    "lineage.stream": 2,
     "lineage.lazyroles": 2,
     "lineage.canon": 3,
     "lineage.depth": 3,

@@ -41,6 +41,7 @@ import logging
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +49,9 @@ from lineage.lazyroles import is_lazy, map_roles, numel_of, shape_of
 from lineage.signals.floatgrid import float_grid
 from lineage.signals.pairstats import memo_pair_stats
 from lineage.signals.quantgrid import detect_grid
+
+if TYPE_CHECKING:
+    from lineage.stream.screen import ModuleScreen
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +222,17 @@ def direction(
     max_grid_modules: int = 6,
     full_a: Mapping[str, torch.Tensor] | None = None,
     full_b: Mapping[str, torch.Tensor] | None = None,
+    screens: Mapping[str, ModuleScreen] | None = None,
 ) -> Direction:
     """Decide which of two aligned role-keyed models is the parent (see module docstring).
 
     ``a`` and ``b`` hold the paired, equally shaped modules.  ``full_a``/``full_b`` (optional)
     are the models' complete role maps: when the shapes differ (depth, width or vocabulary
-    surgery) :func:`structure_evidence` orients the pair first.
+    surgery) :func:`structure_evidence` orients the pair first.  ``screens`` (streamed per-module
+    statistics of exactly ``a`` and ``b``, :mod:`lineage.stream.screen`) replace reading the modules
+    they cover.
     """
+    screens = screens or {}
     roles = [r for r in a if r in b and shape_of(a, r) == shape_of(b, r) and numel_of(a, r) > 1]
     mats = [r for r in roles if len(shape_of(a, r)) == 2]
     ev: dict[str, dict[str, object]] = {}
@@ -238,6 +246,13 @@ def direction(
 
     def visit(r: str):
         grid = None
+        sc = screens.get(r)
+        if sc is not None and sc.quant_a is not None and sc.quant_b is not None and sc.grid_a and sc.grid_b:
+            if r in in_sample:
+                grid = (sc.quant_a.on_grid, sc.quant_b.on_grid, _RANK[sc.grid_a], _RANK[sc.grid_b])
+            return sc.stats, grid
+        if sc is not None and r not in in_sample:
+            return sc.stats, None
         if r in in_sample:
             x, y = a[r], b[r]
             grid = (detect_grid(x, max_rows=64).on_grid, detect_grid(y, max_rows=64).on_grid,

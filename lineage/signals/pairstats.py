@@ -100,6 +100,11 @@ def pair_stats(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK) -> PairStat
     return PairStats(n, mx, my, v[0], v[1], v[2], v[3], v[4], v[5], zx, zy)
 
 
+def pair_stats_key(b: Mapping[str, torch.Tensor], role: str) -> tuple:
+    """Memo key of ``pair_stats(a[role], b[role])`` on ``a`` (see :func:`lineage.lazyroles.remember`)."""
+    return ("pair_stats", id(b), role)
+
+
 def memo_pair_stats(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], role: str) -> PairStats:
     """``pair_stats(a[role], b[role])``, remembered on ``a`` when it offers a ``memo`` dict.
 
@@ -109,7 +114,7 @@ def memo_pair_stats(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]
     memo = getattr(a, "memo", None)
     if not isinstance(memo, dict):
         return pair_stats(a[role], b[role])
-    key = ("pair_stats", id(b), role)
+    key = pair_stats_key(b, role)
     st = memo.get(key)
     if st is None:
         st = pair_stats(a[role], b[role])

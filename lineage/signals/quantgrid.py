@@ -66,10 +66,12 @@ class QuantGrid:
         return asdict(self)
 
 
-def _candidates(v: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, step, offset) per group for every candidate lattice; v is (groups, g)."""
-    vmax = v.amax(1)
-    vmin = v.amin(1)
+def _candidates(v: torch.Tensor, s: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, step, offset) per group for every candidate lattice; v is (groups, g), ``s`` v sorted along rows."""
+    if s is None:
+        s, _ = torch.sort(v, dim=1)
+    vmin = s[:, 0]
+    vmax = s[:, -1]
     amax = torch.maximum(vmax.abs(), vmin.abs())
     zero = torch.zeros_like(amax)
     out = [
@@ -79,7 +81,6 @@ def _candidates(v: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]
         ("asym15", (vmax - vmin) / 15, vmin),
         ("asym255", (vmax - vmin) / 255, vmin),
     ]
-    s, _ = torch.sort(v, dim=1)
     gaps = s[:, 1:] - s[:, :-1]
     tol = 1e-5 * amax.clamp_min(1e-30)
     big = torch.where(gaps > tol[:, None], gaps, torch.full_like(gaps, math.inf))
@@ -143,22 +144,31 @@ def _superblock_ok(step: torch.Tensor, g: int, scheme: str, n: int) -> bool:
 
 def _analyse_groups(x: torch.Tensor, g: int, rel_tol: float):
     v = x.reshape(-1, g)
+    srt, _ = torch.sort(v, dim=1)
+    cands = _candidates(v, srt)
+    # every candidate lattice at once: (candidates, groups, g)
+    steps = torch.stack([c[1] for c in cands])
+    offs = torch.stack([c[2] for c in cands])
+    q = (v[None] - offs[..., None]) / steps.clamp_min(1e-30)[..., None]
+    err = (q - torch.round(q)).abs_()
+    tol = (2e-3 + rel_tol * q.abs()).clamp_max_(0.05)
+    oks = (err <= tol).all(2) & (steps > 0)
+    spans = torch.round(q.amax(2) - q.amin(2)) + 1
+    del q, err, tol
     best_ok = torch.zeros(v.shape[0], dtype=torch.bool)
     best_step = torch.zeros(v.shape[0])
     best_span = torch.full((v.shape[0],), math.inf)
     kinds = torch.full((v.shape[0],), -1, dtype=torch.long)
-    cands = _candidates(v)
-    for ci, (name, step, off) in enumerate(cands):
-        ok, span, _ = _on_lattice(v, step, off, rel_tol)
+    for ci in range(len(cands)):
+        ok, step = oks[ci], steps[ci]
         better = ok & (~best_ok | (step > best_step * (1 + 1e-4)))
         best_ok |= ok
         best_step = torch.where(better, step, best_step)
-        best_span = torch.where(better, span, best_span)
+        best_span = torch.where(better, spans[ci], best_span)
         kinds = torch.where(better, torch.full_like(kinds, ci), kinds)
     names = [c[0] for c in cands]
     # Groups need at least 3 distinct levels to count as evidence of a lattice.
-    distinct = (torch.sort(v, 1).values.diff(dim=1).abs() > 1e-7 * v.abs().amax(1, keepdim=True)
-                ).sum(1) + 1
+    distinct = (srt.diff(dim=1).abs() > 1e-7 * v.abs().amax(1, keepdim=True)).sum(1) + 1
     informative = distinct >= 3
     return best_ok, best_step, best_span, kinds, names, informative, distinct
 
@@ -190,9 +200,34 @@ def detect_grid(
     return replace(cols, axis=1, format=f"{cols.format} along columns")
 
 
-def _detect_rows(x: torch.Tensor, parent: torch.Tensor | None, max_rows: int) -> QuantGrid:
-    """:func:`detect_grid` along the rows of the 2-D float32 ``x``."""
-    fg = float_grid(x)
+def detect_grid_sampled(rows_child: torch.Tensor, rows_parent: torch.Tensor | None, cols_child: torch.Tensor,
+                        cols_parent: torch.Tensor | None, *, shape: tuple[int, int], float_grid_name: str | None,
+                        max_rows: int = 256, probe_rows: int = 8) -> QuantGrid:
+    """:func:`detect_grid` from the sample it examines, gathered elsewhere (e.g. while streaming).
+
+    ``rows_*`` are the rows ``linspace(0, m − 1, max_rows).round()`` of the ``shape``-shaped child and
+    parent (all rows when ``m ≤ max_rows``), ``cols_*`` the columns ``linspace(0, n − 1, max_rows).round()``
+    (unique) over all rows; ``float_grid_name`` is the child's whole-tensor float grid.  Same result as
+    ``detect_grid(child, parent, max_rows=max_rows)`` (``probe_rows``: rows of the quick screen run before each
+    group size's full test; fewer rows screen faster, and a lattice passes on any of its rows).
+    """
+    x = rows_child.detach().to(torch.float32)
+    p = rows_parent.detach().to(torch.float32) if rows_parent is not None else None
+    res = _detect_rows(x, p, max_rows, float_grid_name, probe_rows)
+    if res.on_grid or shape[0] < 16 or shape[1] < 2:
+        return res
+    pt = cols_parent.detach().to(torch.float32).T.contiguous() if cols_parent is not None else None
+    cols = _detect_rows(cols_child.detach().to(torch.float32).T.contiguous(), pt, max_rows, float_grid_name,
+                        probe_rows)
+    if not cols.on_grid:
+        return res
+    return replace(cols, axis=1, format=f"{cols.format} along columns")
+
+
+def _detect_rows(x: torch.Tensor, parent: torch.Tensor | None, max_rows: int, fg: str | None = None,
+                 probe_rows: int = 8) -> QuantGrid:
+    """:func:`detect_grid` along the rows of the 2-D float32 ``x`` (``fg``: its float grid, when known)."""
+    fg = fg or float_grid(x)
     xs = _sample_rows(x, max_rows)
     m, n = xs.shape
     # stored values and the inferred step each carry one rounding of the float format
@@ -202,11 +237,15 @@ def _detect_rows(x: torch.Tensor, parent: torch.Tensor | None, max_rows: int) ->
         return none
     sizes = [n] + [g for g in GROUP_SIZES if g < n and n % g == 0]
     chosen = None
-    probe = xs[:: max(1, m // 8)]
+    probe = xs[:: max(1, m // probe_rows)]
     for g in sizes:
         # cheap screen on a few rows before the full test
-        pok, _, _, _, _, pinf, _ = _analyse_groups(probe, g, rel_tol)
+        pok, _, pspan, _, _, pinf, _ = _analyse_groups(probe, g, rel_tol)
         if int(pinf.sum()) == 0 or float(pok[pinf].float().mean()) < 0.5:
+            continue
+        # the full test accepts at most 256 levels in 99 % of groups: a probe whose typical group needs far
+        # more (a float format's own fine spacing, e.g. bf16 values) cannot pass it
+        if float(pspan[pinf & pok].float().median()) > 2 * 256:
             continue
         ok, step, span, kinds, names, informative, distinct = _analyse_groups(xs, g, rel_tol)
         if int(informative.sum()) < max(1, informative.numel() // 2):
