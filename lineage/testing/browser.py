@@ -80,7 +80,24 @@ class _Cdp:
 
 def _start(binary: str, profile: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: helpers end with it
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End Chromium and every helper process it started (they write to the profile until they exit)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            continue
+        time.sleep(0.2)  # let the group's other members go too
 
 
 def _page_ws(profile: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> str:
@@ -111,7 +128,8 @@ def render(path: str | os.PathLike[str], screenshot_path: str | os.PathLike[str]
     if binary is None:
         raise FileNotFoundError("chromium not found")
     url = Path(path).resolve().as_uri()
-    with tempfile.TemporaryDirectory(prefix="lineage-chromium-") as profile:
+    # a helper process still flushing its profile must not fail the page
+    with tempfile.TemporaryDirectory(prefix="lineage-chromium-", ignore_cleanup_errors=True) as profile:
         proc = _start(binary, profile)
         try:
             cdp = _Cdp(_page_ws(profile, proc))
@@ -128,11 +146,7 @@ def render(path: str | os.PathLike[str], screenshot_path: str | os.PathLike[str]
             _collect(cdp.events, res)
             cdp.close()
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                proc.kill()
+            _stop(proc)
     if screenshot_path is not None:
         Path(screenshot_path).write_bytes(res.screenshot)
     _pixel_spread(res)
