@@ -8,9 +8,10 @@ so resident memory is bounded by the blocks a caller asks for); remote sources
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 import os
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from lineage.errors import CheckpointError
 
@@ -120,3 +121,36 @@ class LocalFileSource:
 
     def __repr__(self) -> str:
         return f"LocalFileSource({self.name!r}, size={self._size})"
+
+
+class WrappedSource(ABC):
+    """Base of byte sources that wrap another (verification, spill): the size, the byte counter
+    and any other attribute (``requests``, ``retries``, ``url``…) are the inner source's;
+    subclasses implement :meth:`readinto`."""
+
+    def __init__(self, inner: ByteSource) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the inner source fetched (re-reads a wrapper serves itself are not counted)."""
+        return self.inner.bytes_read
+
+    def __getattr__(self, item: str) -> Any:
+        if item == "inner":
+            raise AttributeError(item)
+        return getattr(self.inner, item)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    @abstractmethod
+    def readinto(self, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the bytes at ``offset`` (what the wrapper adds happens here)."""

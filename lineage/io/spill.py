@@ -23,7 +23,7 @@ import tempfile
 import threading
 from typing import Any
 
-from lineage.io.sources import ByteSource
+from lineage.io.sources import ByteSource, WrappedSource
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,11 @@ def _max_bytes() -> int:
         return int(DEFAULT_MAX_GB * (1 << 30))
 
 
-class SpilledSource:
+class SpilledSource(WrappedSource):
     """A :class:`ByteSource` that stores what it fetched from ``inner`` in a sparse temporary file."""
 
     def __init__(self, inner: ByteSource, *, max_bytes: int | None = None, directory: str | None = None) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.max_bytes = _max_bytes() if max_bytes is None else int(max_bytes)
         self._dir = directory
         self._fd: int | None = None
@@ -59,25 +58,6 @@ class SpilledSource:
         self.local_bytes = 0  # bytes served from the spill file
 
     # -- protocol ----------------------------------------------------------------
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes fetched from the network (re-reads served from disk are not counted)."""
-        return self.inner.bytes_read
-
-    def __getattr__(self, item: str) -> Any:  # requests, retries, url… of the inner source
-        if item == "inner":
-            raise AttributeError(item)
-        return getattr(self.inner, item)
-
-    def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, memoryview(buf))
-        return bytes(buf)
-
     def readinto(self, offset: int, buffer: memoryview) -> None:
         view = buffer.cast("B") if buffer.format != "B" else buffer
         length = view.nbytes

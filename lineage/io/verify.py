@@ -23,19 +23,18 @@ from typing import Any
 
 from lineage.errors import RemoteError
 from lineage.io.provenance import FileIntegrity, IntegrityStatus
-from lineage.io.sources import ByteSource
+from lineage.io.sources import ByteSource, WrappedSource
 
 log = logging.getLogger(__name__)
 
 _CATCH_UP_CHUNK = 8 << 20
 
 
-class VerifiedSource:
+class VerifiedSource(WrappedSource):
     """A :class:`ByteSource` whose bytes are checked against ``expected_sha256`` once all were read."""
 
     def __init__(self, inner: ByteSource, expected_sha256: str | None, *, label: str | None = None) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.label = label or inner.name
         self.expected = expected_sha256.lower() if expected_sha256 else None
         self._hash = hashlib.sha256()
@@ -45,24 +44,6 @@ class VerifiedSource:
         self._checked = False
 
     # -- protocol ----------------------------------------------------------------
-    @property
-    def size(self) -> int:
-        return self.inner.size
-
-    @property
-    def bytes_read(self) -> int:
-        return self.inner.bytes_read
-
-    def __getattr__(self, item: str) -> Any:  # requests, retries, local_bytes… of the inner source
-        if item == "inner":
-            raise AttributeError(item)
-        return getattr(self.inner, item)
-
-    def read(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(offset, memoryview(buf))
-        return bytes(buf)
-
     def readinto(self, offset: int, buffer: memoryview) -> None:
         if self._failed:
             raise RemoteError(self._failed, path=self.label)
