@@ -20,10 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lineage.signals.pairstats import PairStats
-
-#: Elements per float32 partial sum.
-CHUNK = 1 << 16
+from lineage.signals.pairstats import CHUNK, PairStats  # CHUNK: elements per float32 partial sum
 
 
 @dataclass(frozen=True)
