@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from lineage.errors import CheckpointError, RemoteError, ShardError
@@ -89,15 +90,7 @@ def _open_files(ref: str, repo: HubRepo, folder: str, names: list[str]) -> Check
         if missing:
             raise ShardError(f"GGUF split set is missing {len(missing)} file(s) in the repository, "
                              f"e.g. {missing[0]!r}", path=ref)
-        srcs: list[ByteSource] = []
-        try:
-            for n in parts:
-                srcs.append(repo.source(pre + n))
-            ck = open_gguf_sources(ref, srcs)
-        except Exception:
-            for s in srcs:
-                s.close()
-            raise
+        ck = _open_sources(ref, repo, [pre + n for n in parts], open_gguf_sources)
         return _upgrade(ck, metadata={**ck.metadata, **_hub_meta(repo)}, provenance=repo.provenance())
     if first.endswith((".bin", ".pt", ".pth")):
         return _open_torch(ref, repo, pre, names)
@@ -117,6 +110,21 @@ def _shards(ref: str, repo: HubRepo, index_name: str) -> list[str]:
     return shards
 
 
+def _open_sources(ref: str, repo: HubRepo, paths: list[str],
+                  opener: Callable[[str, list[ByteSource]], Checkpoint]) -> Checkpoint:
+    """``opener(ref, sources)`` over a byte source per repository path; sources opened so far are
+    closed when opening or parsing fails."""
+    sources: list[ByteSource] = []
+    try:
+        for path in paths:
+            sources.append(repo.source(path))
+        return opener(ref, sources)
+    except Exception:
+        for src in sources:
+            src.close()
+        raise
+
+
 def _hub_meta(repo: HubRepo) -> dict[str, Any]:
     return {"hub.repo_id": repo.ref.repo_id, "hub.revision": repo.ref.revision or "main",
             "hub.commit": repo.commit}
@@ -128,15 +136,7 @@ def _with_provenance(ck: Checkpoint, repo: HubRepo) -> Checkpoint:
 
 
 def _open_safetensors(ref: str, repo: HubRepo, pre: str, names: list[str]) -> Checkpoint:
-    sources: list[ByteSource] = []
-    try:
-        for n in names:
-            sources.append(repo.source(pre + n))
-        ck = open_safetensors_sources(ref, sources)
-    except Exception:
-        for s in sources:
-            s.close()
-        raise
+    ck = _open_sources(ref, repo, [pre + n for n in names], open_safetensors_sources)
     index = pre + "model.safetensors.index.json"
     if index in repo.files and len(names) > 1:
         wm = read_shard_index(Path(repo.fetch(index)))
