@@ -13,7 +13,8 @@
 #            `lineage bench --device cuda --json --html` (benchmarks/gpu_kernels.sh)
 #   agree    the cuda-vs-cpu agreement tests of the compare (statistics to 1e-5 relative, same verdict)
 #   compare  builds the 1.1B-shaped bf16 pairs, then benchmarks/bench_compare.py --device cuda (one table)
-# Results go to $OUT (default benchmarks/results): bench_kernels.{json,txt,html}, gpu_check_*.txt,
+# Each phase runs under `timeout` (KERNELS_TIMEOUT, AGREE_TIMEOUT, seconds) so that one slow phase cannot eat the
+# others' time. Results go to $OUT (default benchmarks/results): bench_kernels.{json,txt,html}, gpu_check_*.txt,
 # bench_compare_cuda.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,11 +49,11 @@ print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_d
 elapsed "set up"
 
 if has kernels; then
-    PY="$PY" bash benchmarks/gpu_kernels.sh 2>&1 | tee "$OUT/gpu_check_kernels.txt" || status=1
+    PY="$PY" timeout "${KERNELS_TIMEOUT:-200}" bash benchmarks/gpu_kernels.sh 2>&1 | tee "$OUT/gpu_check_kernels.txt" || status=1
     elapsed "kernels done"
 fi
 if has agree; then
-    LINEAGE_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_screen.py -k cuda 2>&1 \
+    LINEAGE_TEST_DEVICE=cuda timeout "${AGREE_TIMEOUT:-120}" "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_screen.py -k cuda 2>&1 \
         | tee "$OUT/gpu_check_agreement.txt" || status=1
     elapsed "agreement test done"
 fi
