@@ -28,6 +28,7 @@ from lineage.errors import ConfigError, LineageError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
 from lineage.roles import RoleMap, align_experts, is_evidence_role, pair_models, parse_role, read_role, roles_for
 from lineage.progress import ProgressFn
+from lineage.render.anatomy import anatomy_summary
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
 from lineage.verdict import DERIVED_P, MatrixEvidence, decide, decide_canonical, p_from_log10
@@ -494,7 +495,7 @@ def _anatomy(
         findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
         return None
     out = rel.to_dict()
-    out["summary"] = _anatomy_summary(out)
+    out["summary"] = anatomy_summary(out)
     out["timing_s"] = time.perf_counter() - t0
     out["exact_reads"] = {"a": a.reads, "b": b.reads}
     log.info("anatomy: %s in %.1f s (%d + %d tensor reads)", rel.relation, out["timing_s"], a.reads, b.reads)
@@ -610,7 +611,7 @@ def _realigned_anatomy_in(
                 rel.details["direction"] = {"parent": rel.parent, "decided_by": "storage precision",
                                             "bits_per_weight": [bits_a, bits_b]}
     out = rel.to_dict()
-    out["summary"] = _anatomy_summary(out)
+    out["summary"] = anatomy_summary(out)
     return out, True
 
 
@@ -680,29 +681,6 @@ def _storage_bits(ck: Checkpoint) -> float | None:
         tot += b * m.numel
         n += m.numel
     return tot / n if n else None
-
-
-def _anatomy_summary(rel: dict[str, Any]) -> str:
-    d = rel.get("details", {}) or {}
-    r = rel.get("relation", "?")
-    parent = rel.get("parent")
-    who = {"a": "A is the parent", "b": "B is the parent"}.get(str(parent), "direction undecided")
-    if r == "lora merge":
-        desc = str(d.get("modules_description") or "")
-        # the description reads "low-rank update, rank r on <modules>": keep it, without repeating the rank
-        extra = (desc.removeprefix("low-rank update, ") if desc.startswith("low-rank update, rank")
-                 else f"rank {d.get('rank')} on {desc or d.get('modules')}")
-        if d.get("quant_format"):
-            extra += f", then quantised ({d.get('quant_format')})"
-    elif r == "quantised copy":
-        extra = f"format {d.get('quant_format')}"
-    elif r in ("fine-tune", "continued pre-training"):
-        extra = f"{d.get('change', 'dense update')}, median relative delta {d.get('rel_delta_median') or 0:.3g}"
-    elif r == "pruned":
-        extra = f"layers {d.get('layers')}"
-    else:
-        extra = str(d.get("encoding", ""))
-    return f"{r}: {extra} ({who})"
 
 
 def _nonfinite_findings(job: _Job, mom: torch.Tensor) -> list[Finding]:

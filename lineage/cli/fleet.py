@@ -28,8 +28,8 @@ def tree(models: tuple[str, ...], as_json: bool, output: str | None, html_path: 
 
     from lineage.compare import CompareOptions
     from lineage.family import family_tree
-    from lineage.tree import render_html as tree_html
-    from lineage.tree import render_text as tree_text
+    from lineage.render.tree import render_html as tree_html
+    from lineage.render.tree import render_text as tree_text
 
     check_output(html_path)
     check_output(output)

@@ -38,7 +38,7 @@ def inspect(ref: str, as_json: bool, output: str | None, tensors: bool, download
 
         emit(json.dumps(stamp("inspect", result.to_dict()), indent=2, default=str) + "\n", output)
         return 0
-    from lineage.render_text import render_inspect
+    from lineage.render.text import render_inspect
 
     emit(render_inspect(result, tensors=tensors), output, colour=want_colour(colour, sys.stdout))
     return 0

@@ -64,11 +64,11 @@ def compare(
     if as_json:
         emit(report.to_json() + "\n", output)
     else:
-        from lineage.render_text import render_text
+        from lineage.render.text import render_text
 
         emit(render_text(report, colour=want, tensors=tensors, explain=explain), output, colour=want)
     if html_path:
-        from lineage.render_html import render_html
+        from lineage.render.html import render_html
 
         write_html(html_path, render_html(report))
     if expect is not None:
@@ -175,12 +175,12 @@ def demo(out: str | None, as_json: bool, html_dir: str | None, explain: bool, no
             report = compare_recorded(RunSpec(models[x], models[y]), progress=bar)
         reports.append(report)
         if html_dir:
-            from lineage.render_html import render_html
+            from lineage.render.html import render_html
 
             Path(html_dir).mkdir(parents=True, exist_ok=True)
             write_html(str(Path(html_dir) / f"{x}-vs-{y}.html"), render_html(report))
         if not as_json:
-            from lineage.render_text import render_text
+            from lineage.render.text import render_text
 
             what = DEMO_MODELS[y][1] if y in DEMO_MODELS else y
             click.secho(f"\n=== {x} vs {y}: {what} ===", bold=True, color=want)
@@ -190,7 +190,7 @@ def demo(out: str | None, as_json: bool, html_dir: str | None, explain: bool, no
 
         click.echo(json.dumps(stamp("demo", {"reports": [r.to_dict() for r in reports]}), indent=2))
     elif explain and reports:
-        from lineage.render_text import explain_text
+        from lineage.render.text import explain_text
 
         click.echo("\n" + explain_text(reports[0]), nl=False)
     elif reports:
