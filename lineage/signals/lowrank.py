@@ -50,6 +50,7 @@ import torch
 
 from lineage.lazyroles import is_lazy, map_roles, recall
 from lineage.signals.floatgrid import float_grid, half_ulp
+from lineage.signals.memo import lowrank_key
 from lineage.signals.quantgrid import QuantGrid
 from lineage.signals.roundnoise import known_noise_rank, rounding_noise
 from lineage_kernels.svd import randomized_svd, randomized_svd_blocks
@@ -615,11 +616,6 @@ def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = Fals
                           f"noise-like change on {len(noise)} modules (no low-rank structure)")
 
 
-def lowrank_key(child_map: object, role: str, config: LowRankConfig | None) -> tuple:
-    """Memo key of :func:`lowrank` for ``role`` of (base mapping, ``child_map``) (see lineage.lazyroles.remember)."""
-    return ("lowrank", id(child_map), role, config or LowRankConfig())
-
-
 def lowrank_modules(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                     config: LowRankConfig | None = None, *,
                     workers: int | None = None) -> tuple[dict[str, LowRank], LowRankSummary]:
@@ -629,16 +625,17 @@ def lowrank_modules(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     :mod:`lineage.lazyroles`), on ``workers`` single-threaded threads (default: one per
     core for a lazy mapping, inline otherwise); results do not depend on the worker count.
     """
+    cfg = config or LowRankConfig()
     px, py = getattr(pairs, "x", None), getattr(pairs, "y", None)
 
     def one(role: str) -> LowRank | None:
         if px is not None:  # a PairView: a pass that already ran this module may have left the result
-            hit = recall(px, lowrank_key(py, role, config))
+            hit = recall(px, lowrank_key(py, role, cfg))
             if hit is not None:
                 return hit if isinstance(hit, LowRank) else None
         b, c = pairs[role]
         if b.dim() == 2 and b.shape == c.shape:
-            return lowrank(b, c, config=config)
+            return lowrank(b, c, config=cfg)
         return None
 
     if workers is None and not is_lazy(pairs):

@@ -34,6 +34,7 @@ import torch
 
 from lineage.lazyroles import is_lazy, map_roles, recall, shape_of
 from lineage.signals.floatgrid import float_grid
+from lineage.signals.memo import DETECT_ROWS, detect_key
 
 log = logging.getLogger(__name__)
 
@@ -378,13 +379,8 @@ class QuantSummary:
         return asdict(self)
 
 
-def detect_key(child_map: object, role: str, max_rows: int) -> tuple:
-    """Memo key of ``detect_grid(child, parent)`` for ``role`` (see lineage.lazyroles.remember)."""
-    return ("quantgrid", id(child_map), role, max_rows)
-
-
 def detect_modules(pairs: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]],
-                   max_rows: int = 128) -> tuple[dict[str, QuantGrid], QuantSummary]:
+                   max_rows: int = DETECT_ROWS) -> tuple[dict[str, QuantGrid], QuantSummary]:
     """Run :func:`detect_grid` on ``role -> (parent or None, child)`` (2-D tensors only).
 
     Modules are visited one at a time (``pairs`` may read on access, see :mod:`lineage.lazyroles`).
