@@ -30,7 +30,8 @@ import torch
 
 from lineage.lazyroles import PairView, is_lazy, map_roles, numel_of, recall, remember, shape_of
 from lineage.signals.direction import direction
-from lineage.signals.lowrank import LowRankConfig, lowrank, lowrank_modules, summarise
+from lineage.signals.lowrank import LowRankConfig, lowrank, lowrank_modules
+from lineage.signals.lowrank_summary import summarise
 from lineage.signals.memo import DETECT_ROWS, detect_key, lowrank_key, pair_stats_key
 from lineage.signals.merge import fit_merge
 from lineage.progress import ProgressFn

@@ -257,7 +257,7 @@ def test_even_merge_of_siblings_gets_both_parents(tmp_path: Path) -> None:
 
 
 def test_anatomy_line_names_the_rank_once() -> None:
-    from lineage.signals.lowrank import compress_modules
+    from lineage.signals.lowrank_summary import compress_modules
 
     assert compress_modules(["L0.attn.q.weight", "L1.attn.q.weight", "L0.attn.o.weight", "L1.attn.o.weight"]) \
         == "attn.o, attn.q in layers 0-1"
