@@ -26,6 +26,7 @@ import torch
 
 from lineage.errors import ConfigError, LineageError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
+from lineage.io.dtypes import bits_per_weight, unit_roundoff
 from lineage.roles import RoleMap, align_experts, is_evidence_role, pair_models, parse_role, read_role, roles_for
 from lineage.progress import ProgressFn
 from lineage.render.anatomy import anatomy_summary
@@ -504,8 +505,6 @@ def _anatomy(
 
 #: Realignment must remove at least this fraction of ‖B − A‖ for B to count as disguised.
 DISGUISE_GAIN = 0.5
-#: Unit roundoff of storage formats: a realigned difference within it is float rounding.
-_ROUNDOFF = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
 
 
 def _realigned_anatomy(
@@ -581,7 +580,7 @@ def _realigned_anatomy_in(
     if not disguised:
         return None, False
     a, b = (py, px) if swap else (px, py)
-    roundoff = max(_ROUNDOFF.get(str(m.dtype).upper(), 0.0) for m in cb.tensors.values())
+    roundoff = max(unit_roundoff(str(m.dtype)) for m in cb.tensors.values())  # within it: float rounding
     tol = max(1e-4, roundoff)
     if close.max_aligned_rel <= tol:
         rel = Relation("identical", None, 0.99, {
@@ -663,19 +662,13 @@ def _rounding_under_disguise(rel: Any, ca: Checkpoint, cb: Checkpoint, x: Checkp
                                                 "function-preserving re-parameterisation"})
 
 
-#: Bits per weight of storage formats (GGUF block formats include their scales).
-_BITS = {"F64": 64.0, "F32": 32.0, "F16": 16.0, "BF16": 16.0, "F8_E4M3": 8.0, "F8_E5M2": 8.0, "I8": 8.0,
-         "Q8_0": 8.5, "Q8_1": 9.0, "Q6_K": 6.5625, "Q5_0": 5.5, "Q5_1": 6.0, "Q5_K": 5.5, "Q4_0": 4.5,
-         "Q4_1": 5.0, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}
-
-
 def _storage_bits(ck: Checkpoint) -> float | None:
     """Element-weighted mean bits per weight of a checkpoint's 2-D tensors (None if a format is unknown)."""
     tot = n = 0.0
     for m in ck.tensors.values():
         if len(m.shape) != 2:
             continue
-        b = _BITS.get(str(m.dtype).upper())
+        b = bits_per_weight(str(m.dtype))
         if b is None:
             return None
         tot += b * m.numel

@@ -44,7 +44,8 @@ class DeltaSource:
         m, n = (self.delta if self.delta is not None else self.child).shape
         return int(m), int(n)
 
-    def blocks(self, inv_a: torch.Tensor | None = None, inv_b: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def blocks(self, inv_a: torch.Tensor | None = None,
+               inv_b: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Row blocks of the delta, optionally whitened as ``diag(inv_a) · D · diag(inv_b)``."""
         return _blocks(self.base, self.child, self.delta, self.rows, inv_a, inv_b)
 
