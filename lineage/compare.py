@@ -269,13 +269,13 @@ def compare(
 
     Each side is a model reference accepted by :func:`lineage.io.open_checkpoint`,
     an already opened :class:`Checkpoint`, or a fingerprint file (``.lfp``; then the
-    comparison is fingerprint-only, see :mod:`lineage.fpcompare`).  Raises :class:`LineageError`
+    comparison is fingerprint-only, see :mod:`lineage.fingerprint_workflow`).  Raises :class:`LineageError`
     subclasses on bad input; NaN/Inf weights are reported as findings.
     """
     opts = options or CompareOptions()
     device = opts.torch_device()
     if any(isinstance(x, str) and x.endswith(".lfp") for x in (a, b)):
-        from lineage.fpcompare import compare_with_fingerprints, is_fingerprint
+        from lineage.fingerprint_workflow import compare_with_fingerprints, is_fingerprint
 
         if any(isinstance(x, str) and is_fingerprint(x) for x in (a, b)):
             return compare_with_fingerprints(str(a), str(b), progress=progress)

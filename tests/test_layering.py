@@ -35,7 +35,7 @@ LAYERS = {
     "lineage.compare": 6,
     "lineage.adaptercheck": 6,
     "lineage.mergefit": 6,
-    "lineage.fpcompare": 6,
+    "lineage.fingerprint_workflow": 6,
     "lineage.tree": 6,
     "lineage.render.tree": 6,
     "lineage.scan": 7,

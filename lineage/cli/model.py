@@ -57,14 +57,14 @@ def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revis
     """Write MODEL's compact, transform-invariant fingerprint (compare it later with `lineage compare`)."""
     import json
 
-    from lineage.fpcompare import SUFFIX
+    from lineage.fingerprint import SUFFIX
 
     if not output.endswith(SUFFIX):
         raise click.UsageError(f"the fingerprint file name must end in {SUFFIX}")
     check_output(output)
     if revision or token:
         (model,) = hub_refs((model,), revision, token)
-    from lineage.fpcompare import write_fingerprint
+    from lineage.fingerprint_workflow import write_fingerprint
 
     with progress(no_progress) as bar:
         info = write_fingerprint(model, output, progress=bar)
