@@ -7,10 +7,22 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from lineage.signals.lowrank import LowRank
+
+class ModuleReading(Protocol):
+    """What the summary reads of one module's :class:`lineage.signals.lowrank.LowRank`."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def gap(self) -> float | None: ...
+    @property
+    def rank_source(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,7 @@ def compress_modules(names: list[str] | tuple[str, ...]) -> str:
     return "; ".join(text + sorted(others))
 
 
-def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = False) -> LowRankSummary:
+def summarise(results: Mapping[str, ModuleReading], *, noise_is_untouched: bool = False) -> LowRankSummary:
     """Combine per-module results into one statement.
 
     ``noise_is_untouched``: count noise-like modules as untouched (set it when the

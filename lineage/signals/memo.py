@@ -14,10 +14,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from lineage.signals.lowrank import LowRankConfig
 
 #: Rows of each module that the quantisation-grid detection samples, wherever it runs.
 DETECT_ROWS = 128
@@ -50,8 +46,9 @@ def pair_stats_key(other: object, role: str) -> MemoKey:
     return MemoKey(Signal.PAIR_STATS, id(other), role)
 
 
-def lowrank_key(child: object, role: str, config: LowRankConfig) -> MemoKey:
-    """Key of ``lowrank(parent[role], child[role], config=config)``, remembered on the parent's mapping."""
+def lowrank_key(child: object, role: str, config: Hashable) -> MemoKey:
+    """Key of ``lowrank(parent[role], child[role], config=config)`` (``config``: a ``LowRankConfig``), remembered
+    on the parent's mapping."""
     return MemoKey(Signal.LOWRANK, id(child), role, config)
 
 

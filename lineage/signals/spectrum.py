@@ -12,17 +12,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from lineage.signals.floatgrid import half_ulp
 from lineage_kernels.svd import randomized_svd, randomized_svd_blocks
 
-if TYPE_CHECKING:
-    from lineage.signals.lowrank import LowRankConfig
-
 Blocks = Iterable[tuple[int, torch.Tensor]]
+
+
+class SpectrumSettings(Protocol):
+    """What the spectrum reading needs of :class:`lineage.signals.lowrank.LowRankConfig` (field meanings there)."""
+
+    k_max: int
+    k_start: int
+    oversample: int
+    n_iter: int
+    seed: int
+    margin: float
+    gap_min: float
+    override_gap: float
+    full_spectrum_elems: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,7 +266,7 @@ class SpectrumReading:
         return gap_at(self.S, self.rank)
 
 
-def adaptive_svd(make_blocks: Callable[[], Blocks], dense: torch.Tensor | None, m: int, n: int, cfg: LowRankConfig,
+def adaptive_svd(make_blocks: Callable[[], Blocks], dense: torch.Tensor | None, m: int, n: int, cfg: SpectrumSettings,
                  row_sq: torch.Tensor, col_sq: torch.Tensor) -> SpectrumReading:
     """Truncated SVD with the sketch grown (×4 from ``cfg.k_start``) until the rank read fits in it."""
     cap = min(cfg.k_max, m, n)
@@ -293,7 +304,7 @@ def _norm_scale(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(1e-2, 1e2)
 
 
-def whitened(raw: SpectrumReading, src: DeltaSource, cfg: LowRankConfig, row_sq: torch.Tensor,
+def whitened(raw: SpectrumReading, src: DeltaSource, cfg: SpectrumSettings, row_sq: torch.Tensor,
              col_sq: torch.Tensor, rounds: int) -> SpectrumReading:
     """The reading of ``diag(1/a) D diag(1/b)`` (same rank as D) after ``rounds`` of whitening.
 
