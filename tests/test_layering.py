@@ -59,13 +59,22 @@ def _layer(module: str) -> int | None:
 
 
 def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, in every form: ``import a.b``, ``from a import b`` (``a.b`` too, as b may
+    be a module), and relative imports resolved against ``path``'s package."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = list(path.relative_to(ROOT).parts[:-1])  # the package holding the file (for relative imports)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out.extend(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package[: len(package) - (node.level - 1)]
+                base = ".".join(parent + ([base] if base else []))
+            if base:
+                out.append(base)
+            out.extend(f"{base}.{a.name}" for a in node.names if base)
     return out
 
 
