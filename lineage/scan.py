@@ -369,7 +369,7 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
 
 
 def render_html(result: ScanResult, title: str = "lineage scan") -> str:
-    """The drawn tree (:func:`lineage.tree.render_html`) headed by the claim checks and recomputed entries."""
+    """The drawn tree (:func:`lineage.render.tree.render_html`) headed by the claim checks and recomputed entries."""
     import html
 
     from lineage.render.tree import render_html as tree_html
