@@ -551,7 +551,7 @@ def write_html(path: Path, s: dict[str, Any], recs: list[Record], md: str) -> No
     Self-contained: matplotlib SVG inline, CSS inline, no external request."""
     import markdown
 
-    from lineage.plots import mpl_qq, page
+    from lineage.render.plots import mpl_qq, page
 
     null_ps = [r.p_value for r in recs if r.label == "independent" and r.p_value is not None]
     nm = [r.p_value for r in recs if r.group == "independent_null" and r.p_value is not None]

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from scipy import stats
 
-from lineage.fingerprint import SKETCH_KINDS, UNIT_FRACTION, Z_INFLATION, compare_fingerprints, save_fingerprint
-from lineage.fpcompare import fingerprint_model
+from lineage.fingerprint import CONFIG, SKETCH_KINDS, compare_fingerprints, save_fingerprint
+from lineage.fingerprint_workflow import fingerprint_model
 from lineage.testing.zoo import Zoo, build_zoo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,8 +100,8 @@ def main() -> None:
         for k, v in sorted(by.items())
     }
     indep = [r for r in rows if r["label"] == "independent"]
-    res = {"zoo": str(zoo.root), "pairs": len(rows), "kinds": list(SKETCH_KINDS), "unit_fraction": UNIT_FRACTION,
-           "z_inflation": Z_INFLATION, "models": len(fps), "fingerprint_bytes_median": statistics.median(sizes),
+    res = {"zoo": str(zoo.root), "pairs": len(rows), "kinds": list(SKETCH_KINDS), "unit_fraction": CONFIG.unit_fraction,
+           "z_inflation": CONFIG.z_inflation, "models": len(fps), "fingerprint_bytes_median": statistics.median(sizes),
            "fingerprint_seconds_total": t_fp, "fingerprint_seconds_per_model": t_fp / max(1, len(fps)),
            "zoo_read_fraction_median": statistics.median(fractions),
            "compare_seconds_per_pair": t_cmp / max(1, len(rows)),

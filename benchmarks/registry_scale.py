@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from lineage.engine import LocalEngine
-from lineage.fpcompare import fingerprint_from_bytes
+from lineage.fingerprint_workflow import fingerprint_from_bytes
 from lineage.registry import Registry
 from lineage.registry.ann import KeyIndex, new_index, open_index
 from lineage.registry.keys import key_from_sums, layer_sums

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lineage.fingerprint import compare_fingerprints
-from lineage.fpcompare import fingerprint_bytes, fingerprint_model
+from lineage.fingerprint_workflow import fingerprint_bytes, fingerprint_model
 from lineage.registry.keys import retrieval_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from lineage.family import family_tree  # noqa: E402
 from lineage.testing.zoo import Zoo  # noqa: E402
-from lineage.tree import render_html, render_text  # noqa: E402
+from lineage.render.tree import render_html, render_text  # noqa: E402
 
 def _default_zoo() -> Path:
     """Where the full zoo of the current code is cached (never builds it: fixtures/build_zoo.py does)."""

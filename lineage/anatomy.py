@@ -30,11 +30,13 @@ import torch
 
 from lineage.lazyroles import PairView, is_lazy, map_roles, numel_of, recall, remember, shape_of
 from lineage.signals.direction import direction
-from lineage.signals.lowrank import LowRankConfig, lowrank, lowrank_key, lowrank_modules, summarise
+from lineage.signals.lowrank import LowRankConfig, lowrank, lowrank_modules
+from lineage.signals.lowrank_summary import summarise
+from lineage.signals.memo import DETECT_ROWS, detect_key, lowrank_key, pair_stats_key
 from lineage.signals.merge import fit_merge
 from lineage.progress import ProgressFn
-from lineage.signals.pairstats import memo_pair_stats, pair_stats, pair_stats_key
-from lineage.signals.quantgrid import detect_grid, detect_key, detect_modules, rounds_exactly
+from lineage.signals.pairstats import memo_pair_stats, pair_stats
+from lineage.signals.quantgrid import detect_grid, detect_modules, rounds_exactly
 from lineage.stream.screen import ModuleScreen
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ def explain(
         for child, pm, cm in (("b", a, b), ("a", b, a)):  # both orientations, when the screen settles them
             lr, qg = sc.lowrank(child), sc.quant(child)
             if lr is not None and qg is not None:
-                remember(pm, detect_key(cm, r, 128), lambda qg=qg: qg)
+                remember(pm, detect_key(cm, r), lambda qg=qg: qg)
                 remember(pm, lowrank_key(cm, r, cfg.lowrank), lambda lr=lr: lr)
         return recall(a, lowrank_key(b, r, cfg.lowrank)) is not None, st.pearson
 
@@ -152,7 +154,7 @@ def explain(
         x, y = a[r], b[r]
         st = remember(a, pair_stats_key(b, r), lambda: pair_stats(x, y))
         if x.dim() == 2:
-            qg = remember(a, detect_key(b, r, 128), lambda: detect_grid(y, x, max_rows=128))
+            qg = remember(a, detect_key(b, r), lambda: detect_grid(y, x, max_rows=DETECT_ROWS))
             # a module that is exactly the parent quantised needs no decomposition (int8 children:
             # every module changed by rounding, most of them by nothing else)
             only = qg.consistent_with_parent is True and rounds_exactly(y, x, qg)

@@ -26,8 +26,10 @@ import torch
 
 from lineage.errors import ConfigError, LineageError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
+from lineage.io.dtypes import bits_per_weight, unit_roundoff
 from lineage.roles import RoleMap, align_experts, is_evidence_role, pair_models, parse_role, read_role, roles_for
 from lineage.progress import ProgressFn
+from lineage.render.anatomy import anatomy_summary
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
 from lineage.verdict import DERIVED_P, MatrixEvidence, decide, decide_canonical, p_from_log10
@@ -267,13 +269,13 @@ def compare(
 
     Each side is a model reference accepted by :func:`lineage.io.open_checkpoint`,
     an already opened :class:`Checkpoint`, or a fingerprint file (``.lfp``; then the
-    comparison is fingerprint-only, see :mod:`lineage.fpcompare`).  Raises :class:`LineageError`
+    comparison is fingerprint-only, see :mod:`lineage.fingerprint_workflow`).  Raises :class:`LineageError`
     subclasses on bad input; NaN/Inf weights are reported as findings.
     """
     opts = options or CompareOptions()
     device = opts.torch_device()
     if any(isinstance(x, str) and x.endswith(".lfp") for x in (a, b)):
-        from lineage.fpcompare import compare_with_fingerprints, is_fingerprint
+        from lineage.fingerprint_workflow import compare_with_fingerprints, is_fingerprint
 
         if any(isinstance(x, str) and is_fingerprint(x) for x in (a, b)):
             return compare_with_fingerprints(str(a), str(b), progress=progress)
@@ -494,7 +496,7 @@ def _anatomy(
         findings.append(Finding("warning", f"derivation anatomy failed ({type(e).__name__}: {e})"))
         return None
     out = rel.to_dict()
-    out["summary"] = _anatomy_summary(out)
+    out["summary"] = anatomy_summary(out)
     out["timing_s"] = time.perf_counter() - t0
     out["exact_reads"] = {"a": a.reads, "b": b.reads}
     log.info("anatomy: %s in %.1f s (%d + %d tensor reads)", rel.relation, out["timing_s"], a.reads, b.reads)
@@ -503,8 +505,6 @@ def _anatomy(
 
 #: Realignment must remove at least this fraction of ‖B − A‖ for B to count as disguised.
 DISGUISE_GAIN = 0.5
-#: Unit roundoff of storage formats: a realigned difference within it is float rounding.
-_ROUNDOFF = {"F64": 2.0 ** -53, "F32": 2.0 ** -24, "F16": 2.0 ** -11, "BF16": 2.0 ** -8}
 
 
 def _realigned_anatomy(
@@ -580,7 +580,7 @@ def _realigned_anatomy_in(
     if not disguised:
         return None, False
     a, b = (py, px) if swap else (px, py)
-    roundoff = max(_ROUNDOFF.get(str(m.dtype).upper(), 0.0) for m in cb.tensors.values())
+    roundoff = max(unit_roundoff(str(m.dtype)) for m in cb.tensors.values())  # within it: float rounding
     tol = max(1e-4, roundoff)
     if close.max_aligned_rel <= tol:
         rel = Relation("identical", None, 0.99, {
@@ -610,7 +610,7 @@ def _realigned_anatomy_in(
                 rel.details["direction"] = {"parent": rel.parent, "decided_by": "storage precision",
                                             "bits_per_weight": [bits_a, bits_b]}
     out = rel.to_dict()
-    out["summary"] = _anatomy_summary(out)
+    out["summary"] = anatomy_summary(out)
     return out, True
 
 
@@ -662,47 +662,18 @@ def _rounding_under_disguise(rel: Any, ca: Checkpoint, cb: Checkpoint, x: Checkp
                                                 "function-preserving re-parameterisation"})
 
 
-#: Bits per weight of storage formats (GGUF block formats include their scales).
-_BITS = {"F64": 64.0, "F32": 32.0, "F16": 16.0, "BF16": 16.0, "F8_E4M3": 8.0, "F8_E5M2": 8.0, "I8": 8.0,
-         "Q8_0": 8.5, "Q8_1": 9.0, "Q6_K": 6.5625, "Q5_0": 5.5, "Q5_1": 6.0, "Q5_K": 5.5, "Q4_0": 4.5,
-         "Q4_1": 5.0, "Q4_K": 4.5, "Q3_K": 3.4375, "Q2_K": 2.625}
-
-
 def _storage_bits(ck: Checkpoint) -> float | None:
     """Element-weighted mean bits per weight of a checkpoint's 2-D tensors (None if a format is unknown)."""
     tot = n = 0.0
     for m in ck.tensors.values():
         if len(m.shape) != 2:
             continue
-        b = _BITS.get(str(m.dtype).upper())
+        b = bits_per_weight(str(m.dtype))
         if b is None:
             return None
         tot += b * m.numel
         n += m.numel
     return tot / n if n else None
-
-
-def _anatomy_summary(rel: dict[str, Any]) -> str:
-    d = rel.get("details", {}) or {}
-    r = rel.get("relation", "?")
-    parent = rel.get("parent")
-    who = {"a": "A is the parent", "b": "B is the parent"}.get(str(parent), "direction undecided")
-    if r == "lora merge":
-        desc = str(d.get("modules_description") or "")
-        # the description reads "low-rank update, rank r on <modules>": keep it, without repeating the rank
-        extra = (desc.removeprefix("low-rank update, ") if desc.startswith("low-rank update, rank")
-                 else f"rank {d.get('rank')} on {desc or d.get('modules')}")
-        if d.get("quant_format"):
-            extra += f", then quantised ({d.get('quant_format')})"
-    elif r == "quantised copy":
-        extra = f"format {d.get('quant_format')}"
-    elif r in ("fine-tune", "continued pre-training"):
-        extra = f"{d.get('change', 'dense update')}, median relative delta {d.get('rel_delta_median') or 0:.3g}"
-    elif r == "pruned":
-        extra = f"layers {d.get('layers')}"
-    else:
-        extra = str(d.get("encoding", ""))
-    return f"{r}: {extra} ({who})"
 
 
 def _nonfinite_findings(job: _Job, mom: torch.Tensor) -> list[Finding]:

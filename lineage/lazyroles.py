@@ -102,10 +102,6 @@ class LazyRoles(Mapping[str, torch.Tensor]):
             return self._read_rows(role, index)
         return self[role][index]
 
-    def clear_cache(self) -> None:
-        with self._lock:
-            self._cache.clear()
-
 
 class RoleSpill:
     """Tensors produced one at a time (e.g. a model realigned layer by layer), written to a

@@ -125,6 +125,3 @@ class TqdmProgress:
             self._bar = None
             self._key = None
 
-
-#: Former name (a single hand-drawn bar), kept for callers of the library.
-ProgressBar = TqdmProgress

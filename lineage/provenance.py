@@ -22,7 +22,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,10 +185,3 @@ def changed_files(recorded: Iterable[Mapping[str, Any]]) -> list[str]:
             out.append(f"{path}: changed ({f['algorithm']} {str(f['digest'])[:16]}… recorded, "
                        f"{digest[:16]}… now; size {f.get('size')} → {path.stat().st_size})")
     return out
-
-
-def file_summary(files: Sequence[FileRecord]) -> str:
-    """``"4 files, 345.2 KB, BLAKE3"``-style one-liner."""
-    n = sum(1 for f in files if f.digest)
-    size = sum(f.size for f in files)
-    return f"{n} files hashed ({size:,} bytes, {ALGORITHM.upper()})"

@@ -1,7 +1,7 @@
 """Report dataclasses and their versioned JSON form.
 
 A :class:`Report` is what :func:`lineage.compare.compare` returns; renderers in
-:mod:`lineage.render_text` and :mod:`lineage.render_html` turn it into a terminal
+:mod:`lineage.render.text` and :mod:`lineage.render.html` turn it into a terminal
 table or a self-contained HTML page.  ``Report.to_dict()`` follows the JSON schema
 ``lineage.compare/1`` (see :data:`JSON_SCHEMA`).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from lineage.io.provenance import FileIntegrity, HubProvenance
 from lineage.provenance import Provenance
-from lineage.pvalue import format_p, p_float
+from lineage.render.pvalue import format_p, p_float
 from lineage.verdict import Verdict
 
 SCHEMA = "lineage.compare/1"

@@ -333,9 +333,9 @@ def claims_headline(result: ScanResult) -> list[str]:
 
 def render_text(result: ScanResult, *, colour: bool = False) -> str:
     """Terminal summary: the claim checks (headline), models (read fraction, errors), the links, and the tree."""
-    from lineage.pvalue import format_p
-    from lineage.render_text import Style
-    from lineage.tree import render_text as tree_text
+    from lineage.render.pvalue import format_p
+    from lineage.render.text import Style
+    from lineage.render.tree import render_text as tree_text
 
     s = Style(colour)
     ok = [m for m in result.models if m.ok]
@@ -369,10 +369,10 @@ def render_text(result: ScanResult, *, colour: bool = False) -> str:
 
 
 def render_html(result: ScanResult, title: str = "lineage scan") -> str:
-    """The drawn tree (:func:`lineage.tree.render_html`) headed by the claim checks and recomputed entries."""
+    """The drawn tree (:func:`lineage.render.tree.render_html`) headed by the claim checks and recomputed entries."""
     import html
 
-    from lineage.tree import render_html as tree_html
+    from lineage.render.tree import render_html as tree_html
 
     pairs = [{"a": p.a, "b": p.b, "relation": p.relation, "log10_p": p.log10_p, "method": p.method}
              for p in result.pairs]

@@ -9,8 +9,8 @@ arborescence (Chu–Liu/Edmonds, implemented here) then picks one parent per
 model.  Unrelated pairs have no edge, so unrelated families become separate
 trees under the virtual root.
 
-Output: :class:`Tree` with typed edges, ``to_dict()``, :func:`render_text` and
-:func:`render_html` (a self-contained SVG drawing).
+Output: :class:`Tree` with typed edges and ``to_dict()``; :mod:`lineage.render.tree` draws it
+(indented text, a self-contained SVG page).
 """
 
 from __future__ import annotations
@@ -244,13 +244,3 @@ def build_tree(
         fams.append(tuple(sorted(fam)))
     log.debug("tree: %d nodes, %d roots, cost %.4g", len(names), len(roots), cost)
     return Tree(tuple(names), tuple(roots), tuple(out_edges), cost - rc * len(roots), tuple(fams))
-
-
-# ----------------------------------------------------------------------------- rendering
-
-
-
-
-# ----------------------------------------------------------------------------- rendering
-# (drawn in lineage.tree_draw; re-exported here, where callers have always found them)
-from lineage.tree_draw import render_html, render_text  # noqa: E402,F401

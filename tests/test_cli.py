@@ -67,7 +67,7 @@ def test_inspect(tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str
 
 
 def test_only_transforms_that_moved_something_are_shown() -> None:
-    from lineage.render_text import meaningful_transforms
+    from lineage.render.text import meaningful_transforms
 
     shown = meaningful_transforms([
         "residual stream: identity", "residual stream: identity onto 64 of 128 channels",

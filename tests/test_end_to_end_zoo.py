@@ -221,12 +221,12 @@ def test_disguised_copy_cast_to_bf16_is_identical(zoo: Zoo, tmp_path) -> None:
     # the same copy with its roundoff tolerance out of the way must pass the rounding check
     import lineage.compare as cmp
 
-    saved = cmp._ROUNDOFF
-    cmp._ROUNDOFF = {k: 0.0 for k in saved}
+    saved = cmp.unit_roundoff
+    cmp.unit_roundoff = lambda name: 0.0
     try:
         tight = compare(zoo.path("llama-b1"), str(dst))
     finally:
-        cmp._ROUNDOFF = saved
+        cmp.unit_roundoff = saved
     assert tight.verdict.relation == "identical (disguised)", tight.verdict.summary
     check = tight.anatomy["details"]["rounding_check"]
     assert check["explains"] and tuple(check["formats"]) == ("bf16 rounding",)

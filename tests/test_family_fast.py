@@ -15,7 +15,7 @@ from lineage.family import (
 )
 from lineage.testing.derive import add_noise, merge_linear, quantise_int8_per_row
 from lineage.testing.models import TinyConfig, init_weights, save_model
-from lineage.tree import render_html
+from lineage.render.tree import render_html
 
 
 def _write(tmp_path, name, cfg, w):

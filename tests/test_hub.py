@@ -308,7 +308,7 @@ def _llama_repo(d, hidden, ff, vocab, layers, heads, kv_heads, *, sparse=False, 
 
 def test_tinyllama_shaped_fingerprint_reads(tmp_path, monkeypatch):
     """The fingerprint of a Hub repo read by HTTP ranges reads < 5 % of it (TinyLlama proportions, narrow)."""
-    from lineage.fpcompare import write_fingerprint
+    from lineage.fingerprint_workflow import write_fingerprint
 
     root = tmp_path / "root"
     # TinyLlama-1.1B proportions (ff = 2.75 h, GQA 32/4, vocab ≈ 15.6 h, 22 layers) at hidden 384
@@ -333,7 +333,7 @@ def test_tinyllama_shaped_fingerprint_reads(tmp_path, monkeypatch):
 
 def test_tinyllama_geometry_fingerprint_read_fraction(tmp_path, monkeypatch):
     """The exact TinyLlama-1.1B geometry (a sparse 2.2 GB file: zeros, nothing on disk): < 5 % read."""
-    from lineage.fpcompare import write_fingerprint
+    from lineage.fingerprint_workflow import write_fingerprint
 
     root = tmp_path / "root"
     size = _llama_repo(root / "TinyLlama" / "TinyLlama-1.1B", 2048, 5632, 32000, 22, 32, 4, sparse=True)

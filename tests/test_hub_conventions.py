@@ -111,7 +111,7 @@ def test_cli_revision_and_token(hub, capsys):
 
 
 def test_progress_bars_follow_hf_hub_disable_progress_bars(monkeypatch):
-    from lineage.cli import _progress
+    from lineage.cli.options import progress_bar as _progress
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)

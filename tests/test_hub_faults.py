@@ -229,7 +229,7 @@ def test_default_progress_reaches_models_opened_by_reference(hub):
 def test_fingerprint_compare_says_bytes_unverified(hub, tmp_path):
     """A fingerprint reads a few % of the file: the report says its bytes were not verified."""
     from lineage.compare import compare
-    from lineage.fpcompare import write_fingerprint
+    from lineage.fingerprint_workflow import write_fingerprint
 
     write_fingerprint("org/copy", tmp_path / "copy.lfp")
     r = compare("org/tiny", str(tmp_path / "copy.lfp"))

@@ -5,15 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lineage.signals.lowrank import (
-    LADDER,
-    LowRankConfig,
-    compress_modules,
-    float_grid,
-    lowrank,
-    lowrank_modules,
-    summarise,
-)
+from lineage.signals.floatgrid import float_grid
+from lineage.signals.lowrank import LADDER, LowRankConfig, lowrank, lowrank_modules
+from lineage.signals.lowrank_summary import compress_modules, summarise
 
 
 def _base(m: int, n: int, seed: int) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from lineage.fpcompare import fingerprint_model
+from lineage.fingerprint_workflow import fingerprint_model
 from lineage.io.discover import discover
 from lineage.registry import Registry, ingest, query, retrieval_key
 from lineage.registry.claims import read_claims

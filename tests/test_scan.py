@@ -110,8 +110,12 @@ def test_scan_confirm_types_and_orients_the_links(scan_dir: Path, tmp_path: Path
     by = {(p.a, p.b): p for p in res.pairs}
     assert all(p.method == "weights" for p in res.pairs)
     assert by[("base", "bf16")].relation == "re-encoded copy"
-    edges = {(e.parent, e.child) for e in res.tree.edges}
-    assert ("gpt2_base", "gpt2_derived") in edges or ("gpt2_derived", "gpt2_base") in edges
+    # every planted derivative hangs under its own parent, by a directed edge of the planted type
+    edges = {(e.parent, e.child): e for e in res.tree.edges}
+    assert set(edges) == {("base", "bf16"), ("base", "derived"), ("gpt2_base", "gpt2_derived")}
+    assert all(e.directed for e in edges.values())
+    assert edges[("base", "derived")].relation == edges[("gpt2_base", "gpt2_derived")].relation == "fine-tune"
+    assert by[("base", "derived")].parent == "base" and by[("gpt2_base", "gpt2_derived")].parent == "gpt2_base"
     assert res.tree.parent_of("unrelated") is None and res.tree.parent_of("gpt2_unrelated") is None
 
 

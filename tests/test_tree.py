@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from lineage.tree import Link, build_tree, min_arborescence, render_html, render_text
+from lineage.render.tree import render_html, render_text
+from lineage.tree import Link, build_tree, min_arborescence
 
 
 def _brute(nodes, edges, root):

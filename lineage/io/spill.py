@@ -21,7 +21,6 @@ import logging
 import os
 import tempfile
 import threading
-from typing import Any
 
 from lineage.io.sources import ByteSource, WrappedSource
 

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import re
 import threading
-from typing import Any
 
 from lineage.errors import RemoteError
 from lineage.io.provenance import FileIntegrity, IntegrityStatus

@@ -80,7 +80,7 @@ def _adapter_config(ref: str) -> dict[str, object] | None:
 
 def fingerprint_task(ref: str) -> Fingerprinted:
     """Fingerprint one model (reading only its sample), with its retrieval key and claims."""
-    from lineage.fpcompare import fingerprint_bytes, fingerprint_checkpoint
+    from lineage.fingerprint_workflow import fingerprint_bytes, fingerprint_checkpoint
     from lineage.io.checkpoint import open_checkpoint
 
     t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def fingerprint_task(ref: str) -> Fingerprinted:
 def compare_task(job: tuple[bytes, Sequence[bytes]]) -> list[float]:
     """log10 p of the calibrated fingerprint test between one fingerprint and each of several others."""
     from lineage.fingerprint import compare_fingerprints
-    from lineage.fpcompare import fingerprint_from_bytes
+    from lineage.fingerprint_workflow import fingerprint_from_bytes
 
     first, others = job
     fa = fingerprint_from_bytes(first)

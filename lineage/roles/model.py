@@ -143,6 +143,3 @@ class RoleMap:
         prefix = f"L{i}."
         return {k[len(prefix):]: v for k, v in self.roles.items() if k.startswith(prefix)}
 
-    def stack_of(self, layer: int) -> StackSpan | None:
-        """The stack holding role layer ``layer`` (None when outside every stack)."""
-        return next((s for s in self.stacks if s.first <= layer < s.first + s.count), None)

@@ -1,7 +1,8 @@
 """Float storage grids: which float format a tensor's values fit, and its rounding step.
 
 A checkpoint saved in bf16 or fp16 carries one rounding per value; the spacing of the
-format at each value (its unit in the last place) bounds that rounding.  These helpers
+format at each value (its unit in the last place) bounds that rounding; the formats' mantissa bits
+and exponent range come from :data:`lineage.io.dtypes.FLOAT_FORMATS`.  These helpers
 are shared by the signals that must tell rounding from real change
 (:mod:`lineage.signals.lowrank`, :mod:`lineage.signals.quantgrid`,
 :mod:`lineage.signals.roundnoise`, :mod:`lineage.signals.merge`).
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-_MANTISSA = {"bf16": 7, "fp16": 10, "fp32": 23}
-_MIN_EXP = {"bf16": -126, "fp16": -14, "fp32": -126}
+from lineage.io.dtypes import FLOAT_FORMATS
 
 
 def float_grid(x: torch.Tensor) -> str:
@@ -36,6 +36,7 @@ def float_grid(x: torch.Tensor) -> str:
 
 def half_ulp(x: torch.Tensor, grid: str) -> torch.Tensor:
     """Half the spacing of ``grid`` at each value of ``x`` (the worst rounding error)."""
+    fmt = FLOAT_FORMATS[grid]
     _, e = torch.frexp(x.to(torch.float32))
-    e = torch.clamp(e - 1, min=_MIN_EXP[grid])
-    return torch.ldexp(torch.full_like(x, 0.5, dtype=torch.float32), e - _MANTISSA[grid])
+    e = torch.clamp(e - 1, min=fmt.min_exponent)
+    return torch.ldexp(torch.full_like(x, 0.5, dtype=torch.float32), e - fmt.mantissa_bits)

@@ -39,20 +39,21 @@ re-encoding), ``noise-like`` (no component above the floor), ``low-rank`` (rank
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import re
-from collections import Counter
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from lineage.lazyroles import is_lazy, map_roles, recall
-from lineage.signals.floatgrid import float_grid, half_ulp
+from lineage.signals.floatgrid import float_grid
+from lineage.signals.lowrank_summary import LowRankSummary, summarise
+from lineage.signals.memo import lowrank_key
 from lineage.signals.quantgrid import QuantGrid
 from lineage.signals.roundnoise import known_noise_rank, rounding_noise
-from lineage_kernels.svd import randomized_svd, randomized_svd_blocks
+from lineage.signals.spectrum import DeltaPass, DeltaSource, SpectrumReading, adaptive_svd, measure, whitened
 
 log = logging.getLogger(__name__)
 
@@ -127,184 +128,77 @@ class LowRank:
         return d
 
 
-# ----------------------------------------------------------------------------- core
+# ----------------------------------------------------------------------------- one module
 
 
-def _blocks(base: torch.Tensor | None, child: torch.Tensor | None, delta: torch.Tensor | None,
-            rows: int, inv_a: torch.Tensor | None = None,
-            inv_b: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """Row blocks of the delta, optionally whitened as ``diag(inv_a) · D · diag(inv_b)``."""
-    m = (delta if delta is not None else child).shape[0]
-    for r0 in range(0, m, rows):
+@dataclass(frozen=True)
+class _DeltaFacts:
+    """The fields of :class:`LowRank` that one pass over the delta settles (shared by every status)."""
+
+    shape: tuple[int, int]
+    delta_norm: float
+    base_norm: float | None
+    rel_delta: float | None
+    frac_changed: float
+    max_abs_delta: float
+    rounding_sigma: float | None
+    child_float_grid: str | None
+
+    @classmethod
+    def of(cls, dp: DeltaPass, shape: tuple[int, int], base_given: bool, grid: str | None) -> _DeltaFacts:
+        m, n = shape
+        total = dp.total
+        base_norm = math.sqrt(dp.base_sq) if base_given else None
+        return cls(shape=shape, delta_norm=math.sqrt(total), base_norm=base_norm,
+                   rel_delta=(math.sqrt(total) / base_norm) if base_norm else None,
+                   frac_changed=dp.changed / max(m * n, 1), max_abs_delta=dp.max_abs,
+                   rounding_sigma=math.sqrt(dp.round_var / max(m * n, 1)) if grid is not None else None,
+                   child_float_grid=grid)
+
+    def result(self, **fields: object) -> LowRank:
+        return LowRank(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **fields)
+
+
+@dataclass(frozen=True)
+class _RankReading:
+    """The rank decision on one module: from the estimated floor, possibly replaced by the known-noise count."""
+
+    status: str
+    rank: int
+    spikes: int
+    capped: bool
+    gap: float | None
+    floor: float
+    sigma: float
+    source: str = "estimated floor"
+    known: dict[str, object] | None = None
+
+
+def _operands(base: torch.Tensor | None, child: torch.Tensor | None, delta: torch.Tensor | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Check the inputs and make a 1-D module a one-row matrix."""
+    if delta is None:
+        if base is None or child is None:
+            raise ValueError("lowrank: give base and child, or delta")
+        if base.shape != child.shape:
+            raise ValueError(f"lowrank: shapes differ: {tuple(base.shape)} vs {tuple(child.shape)}")
+    mat = delta if delta is not None else child
+    if mat.dim() == 1:
         if delta is not None:
-            d = delta[r0 : r0 + rows].to(torch.float32)
+            delta = delta.reshape(1, -1)
         else:
-            d = child[r0 : r0 + rows].to(torch.float32) - base[r0 : r0 + rows].to(torch.float32)
-        if inv_a is not None:
-            d = d * inv_a[r0 : r0 + d.shape[0], None] * inv_b[None, :]
-        yield r0, d
+            base, child = base.reshape(1, -1), child.reshape(1, -1)
+        mat = delta if delta is not None else child
+    if mat.dim() != 2:
+        raise ValueError(f"lowrank: expected a matrix, got shape {tuple(mat.shape)}")
+    return base, child, delta
 
 
-def _first_pass(base, child, delta, rows, grid):
-    m, n = (delta if delta is not None else child).shape
-    row_sq = torch.zeros(m, dtype=torch.float64)
-    col_sq = torch.zeros(n, dtype=torch.float64)
-    changed = 0
-    max_abs = 0.0
-    within_round = True
-    round_var = 0.0
-    base_sq = 0.0
-    for r0, d in _blocks(base, child, delta, rows):
-        d2 = d * d
-        row_sq[r0 : r0 + d.shape[0]] = d2.sum(1).double()
-        col_sq += d2.sum(0).double()
-        changed += int(torch.count_nonzero(d))
-        if d.numel():
-            max_abs = max(max_abs, float(d.abs().max()))
-        if base is not None:
-            bb = base[r0 : r0 + d.shape[0]].to(torch.float32)
-            base_sq += float((bb * bb).sum(dtype=torch.float64))
-        if grid is not None:
-            c = child[r0 : r0 + d.shape[0]]
-            step = max(1, d.shape[0] // 64)  # rounding level from a row sample (cheap)
-            hs = half_ulp(c[::step], grid)
-            round_var += float((hs * hs).sum(dtype=torch.float64)) * step * 4.0 / 12.0
-            if within_round:
-                # a quick sample first: most changed modules fail it at once
-                if not bool((d[::step].abs() <= hs * (1 + 1e-6)).all()):
-                    within_round = False
-                elif not bool((d.abs() <= half_ulp(c, grid) * (1 + 1e-6)).all()):
-                    within_round = False
-    return row_sq, col_sq, changed, max_abs, within_round, round_var, base_sq
-
-
-def _energies(blocks, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    row_sq = torch.zeros(m, dtype=torch.float64)
-    col_sq = torch.zeros(n, dtype=torch.float64)
-    for r0, d in blocks:
-        d2 = d * d
-        row_sq[r0 : r0 + d.shape[0]] = d2.sum(1).double()
-        col_sq += d2.sum(0).double()
-    return row_sq, col_sq
-
-
-def _residual_energies(S, U, V, row_sq, col_sq, r):
-    s = S[:r].double()
-    rres = (row_sq - ((U[:, :r].double() * s) ** 2).sum(1)).clamp_min(0)
-    cres = (col_sq - ((V[:, :r].double() * s) ** 2).sum(1)).clamp_min(0)
-    return rres, cres
-
-
-def _rank_at_floor(S: torch.Tensor, U: torch.Tensor, V: torch.Tensor, row_sq: torch.Tensor,
-                   col_sq: torch.Tensor, margin: float, gap_min: float = 1.2,
-                   trust_gap: float = 8.0, override_gap: float = 3.0) -> tuple[int, float, float]:
-    """Rank from the floors floor(j): the noise edge of the residual after j components.
-
-    Returns (r, floor(r), per-element residual sigma).  Components below 1e-5·s_1
-    are beyond float32 resolution and never counted.
-    """
-    m, n = row_sq.numel(), col_sq.numel()
-    total = float(row_sq.sum())
-    s = S.double()
-    K = s.numel()
-    US2 = torch.cumsum((U.double() * s) ** 2, dim=1)  # m × K: energy removed from each row
-    VS2 = torch.cumsum((V.double() * s) ** 2, dim=1)
-    rres = torch.cat([row_sq[:, None], (row_sq[:, None] - US2).clamp_min(0)], dim=1)
-    cres = torch.cat([col_sq[:, None], (col_sq[:, None] - VS2).clamp_min(0)], dim=1)
-    floors = margin * (rres.max(0).values.sqrt() + cres.max(0).values.sqrt())  # floor(j), j=0..K
-    tiny = 1e-5 * float(s[0]) if K else 0.0
-    floors = floors.clamp_min(tiny)
-    # Only the first half of the spectrum is searched: near full rank the residual is
-    # itself low-rank and its row/column energies no longer bound its spectrum.
-    # Two readings, the larger wins:
-    #  * sequential: component j+1 counts while it is above the floor of the
-    #    residual left after the j before it (never counts noise, but a strong
-    #    high-rank signal can hide behind floor(0));
-    #  * gap: the last j (in the first half of the spectrum) above its own floor
-    #    with a drop s_j / s_{j+1} ≥ gap_min right after it.  Noise components
-    #    removed from the residual lower its floor, so this reading is only
-    #    trusted at a gap.
-    half = max(1, min(m, n) // 2)
-    r_seq = 0
-    while r_seq < min(K, max(1, 3 * min(m, n) // 4)) and float(s[r_seq]) > float(floors[r_seq]):
-        r_seq += 1
-    nxt = torch.cat([s[1:], s.new_zeros(1)])
-    ok = (s > floors[1:]) & (s >= gap_min * nxt)
-    above = ok[:half].nonzero()
-    r_gap = int(above.max()) + 1 if above.numel() else 0
-    r = r_seq
-    if r_gap and float(s[r_gap - 1]) >= override_gap * float(nxt[r_gap - 1]) and (r_gap > r_seq or r_seq > half):
-        # a clear gap (noise spectra have none: consecutive ratios stay near 1) overrides a
-        # sequential reading stopped early by floors that the remaining signal still inflates,
-        # or one that ran past half the width where the floors no longer bound the noise
-        r = r_gap
-    # Beyond the first half the row/column floors no longer bound a noise residual, but an
-    # exact low-rank part still shows: a clear drop (>= override_gap) down to the noise, i.e.
-    # s_r above and s_{r+1} at or below the edge σ̂(√m + √n) of noise at the residual's own
-    # per-element level σ̂² = E_r / ((m − r)(n − r)).  A spectrum that falls to the noise
-    # floor at r < min(m, n) is low-rank whatever r is.  A square noise spectrum ends in a few
-    # tiny singular values with large ratios between them (the smallest singular value of a
-    # square random matrix has a density near 0), so the residual must keep at least
-    # max(4, min(m, n) / 16) dimensions for its level to count as a floor.
-    lim = min(K - 1, min(m, n) - max(4, min(m, n) // 16))  # s[j] must have a computed successor
-    if lim > half:
-        sq = s * s
-        if K >= min(m, n):  # whole spectrum: residual energies from tail sums (no cancellation)
-            tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tail[j] = Σ_{l>=j} s_l²
-            e_after = torch.cat([tail[1:], sq.new_zeros(1)])
-        else:
-            e_after = (total - torch.cumsum(sq, 0)).clamp_min(0)
-        j = torch.arange(half, lim)
-        rr = (j + 1).double()
-        sig = (e_after[j] / ((m - rr) * (n - rr)).clamp_min(1)).sqrt()
-        edge = margin * sig * (math.sqrt(m) + math.sqrt(n))
-        # s_r clearly above s_{r+1}, which sits within the noise bulk (at or below the edge),
-        # and s_r itself above the edge
-        deep = (s[j] >= override_gap * s[j + 1]) & (s[j + 1] <= edge) & (s[j] > edge) & (s[j] > tiny)
-        hit = j[deep]
-        if hit.numel() and (int(hit.min()) + 1 > r or r > half):  # beyond half r_seq is no bound
-            r = int(hit.min()) + 1
-    resid = max(total - float((s[:r] ** 2).sum()), 0.0)
-    return r, float(floors[r]), math.sqrt(resid / max((m - r) * (n - r), 1))
-
-
-def _adaptive_svd(make_blocks, dense: torch.Tensor | None, m: int, n: int, cfg: LowRankConfig,
-                  row_sq: torch.Tensor, col_sq: torch.Tensor):
-    cap = min(cfg.k_max, m, n)
-    k = min(cfg.k_start, cap)
-    if m * n <= cfg.full_spectrum_elems:
-        k = cap  # the exact SVD costs no more than a sketch: the rank is never limited by the sketch size
-    while True:
-        if dense is not None:
-            U, S, V = randomized_svd(dense, k, cfg.oversample, cfg.n_iter, cfg.seed)
-        else:
-            U, S, V = randomized_svd_blocks(make_blocks, (m, n), k, cfg.oversample, cfg.n_iter,
-                                            cfg.seed)
-        r, floor, sigma = _rank_at_floor(S, U, V, row_sq, col_sq, cfg.margin, cfg.gap_min,
-                                         cfg.trust_gap, cfg.override_gap)
-        if r < k - 2 or k >= cap:
-            return U, S, V, r, floor, sigma, k, cap
-        k = min(4 * k, cap)
-
-
-def _gap_at(s: torch.Tensor, r: int) -> float:
-    """s_r / s_{r+1} (1-based r; inf past the computed values, 0 for r = 0)."""
-    if r <= 0:
-        return 0.0
-    if r >= s.numel() or float(s[r]) <= 0:
-        return math.inf
-    return float(s[r - 1]) / float(s[r])
-
-
-def _norm_scale(x: torch.Tensor) -> torch.Tensor:
-    """Positive scales with geometric mean 1; zeros lifted to a small floor."""
-    x = x.double().clamp_min(0).sqrt()
-    pos = x[x > 0]
-    if pos.numel() == 0:
-        return torch.ones_like(x)
-    x = x.clamp_min(float(pos.max()) * 1e-6)
-    x = x / torch.exp(torch.log(x).mean())
-    return x.clamp(1e-2, 1e2)
+def _unchanged(m: int, n: int, cfg: LowRankConfig) -> dict[str, object]:
+    """The spectral fields of an unchanged module."""
+    return dict(status="unchanged", rank=0, rank_capped=False, gap=None, noise_floor=0.0, noise_sigma=0.0,
+                singular_values=(), spikes=0, energy_left={k: 0.0 for k in LADDER if k <= min(m, n)},
+                energy_left_exact_upto=min(cfg.k_max, m, n))
 
 
 def lowrank(
@@ -343,281 +237,137 @@ def lowrank(
     and no decomposition runs.
     """
     cfg = config or LowRankConfig()
-    if delta is None:
-        if base is None or child is None:
-            raise ValueError("lowrank: give base and child, or delta")
-        if base.shape != child.shape:
-            raise ValueError(f"lowrank: shapes differ: {tuple(base.shape)} vs {tuple(child.shape)}")
-    mat = delta if delta is not None else child
-    if mat.dim() == 1:
-        if delta is not None:
-            delta = delta.reshape(1, -1)
-        else:
-            base, child = base.reshape(1, -1), child.reshape(1, -1)
-        mat = delta if delta is not None else child
-    if mat.dim() != 2:
-        raise ValueError(f"lowrank: expected a matrix, got shape {tuple(mat.shape)}")
-    m, n = mat.shape
+    base, child, delta = _operands(base, child, delta)
+    m, n = (delta if delta is not None else child).shape
     if child is not None and child.dtype == base.dtype and torch.equal(base, child):
         # fast path: bitwise equal (the common case for modules a LoRA did not touch)
         bn = float(base.to(torch.float32).norm())
-        return LowRank(shape=(m, n), status="unchanged", rank=0, rank_capped=False, gap=None,
-                       noise_floor=0.0, noise_sigma=0.0, rounding_sigma=None, child_float_grid=None,
-                       delta_norm=0.0, base_norm=bn, rel_delta=0.0, frac_changed=0.0,
-                       max_abs_delta=0.0, singular_values=(), spikes=0,
-                       energy_left={k: 0.0 for k in LADDER if k <= min(m, n)},
-                       energy_left_exact_upto=min(cfg.k_max, m, n))
+        return LowRank(shape=(m, n), rounding_sigma=None, child_float_grid=None, delta_norm=0.0, base_norm=bn,
+                       rel_delta=0.0, frac_changed=0.0, max_abs_delta=0.0, **_unchanged(m, n, cfg))
     grid = float_grid(child) if child is not None else None
     stream = m * n > cfg.stream_elems
-    rows = cfg.block_rows if stream else max(m, 1)
     dense = None
     if not stream:  # the delta is formed once and shared by every step below
-        dense = delta.to(torch.float32) if delta is not None else (
-            child.to(torch.float32) - base.to(torch.float32))
-    row_sq, col_sq, changed, max_abs, within_round, round_var, base_sq = _first_pass(
-        base, child, dense if dense is not None else delta, rows, grid
-    )
-    total = float(row_sq.sum())
-    base_norm = math.sqrt(base_sq) if base is not None else None
-    rel = (math.sqrt(total) / base_norm) if base_norm else None
-    rounding_sigma = math.sqrt(round_var / max(m * n, 1)) if grid is not None else None
-    common = dict(
-        shape=(m, n), delta_norm=math.sqrt(total), base_norm=base_norm, rel_delta=rel,
-        frac_changed=changed / max(m * n, 1), max_abs_delta=max_abs,
-        rounding_sigma=rounding_sigma, child_float_grid=grid,
-    )
-    if changed == 0 or total == 0.0:
-        return LowRank(status="unchanged", rank=0, rank_capped=False, gap=None, noise_floor=0.0,
-                       noise_sigma=0.0, singular_values=(), spikes=0,
-                       energy_left={k: 0.0 for k in LADDER if k <= min(m, n)},
-                       energy_left_exact_upto=min(cfg.k_max, m, n), **common)
-    if quantised_only:
-        return LowRank(status="noise-like", rank=0, rank_capped=False, gap=None, noise_floor=0.0,
-                       noise_sigma=math.sqrt(total / (m * n)), singular_values=(), spikes=0,
-                       energy_left={}, energy_left_exact_upto=0, **common)
-    if within_round and grid is not None:
-        return LowRank(status="rounding", rank=0, rank_capped=False, gap=None, noise_floor=0.0,
-                       noise_sigma=math.sqrt(total / (m * n)), singular_values=(), spikes=0,
-                       energy_left={}, energy_left_exact_upto=0, **common)
-    # Pass 0: the raw delta (singular values and energy ladder as reported).
-    U, S, V, r, floor, sigma, k, cap = _adaptive_svd(
-        lambda: _blocks(base, child, delta, rows), dense, m, n, cfg, row_sq, col_sq)
-    s_raw = [float(x) for x in S]
-    ws, wsq_r, wsq_c = S, row_sq, col_sq
-    inv_a = torch.ones(m, dtype=torch.float64)
-    inv_b = torch.ones(n, dtype=torch.float64)
-    gap_raw = (s_raw[r - 1] / s_raw[r] if r < len(s_raw) and s_raw[r] > 0 else math.inf) if r else 0.0
-    # A clear gap in the raw spectrum is trusted as is; otherwise whiten, starting
-    # from the whole delta (no component trusted yet).
-    # A rank beyond half the width comes from the deep reading (a clear drop to the noise edge);
-    # whitening's floors say nothing there, so that reading is kept as is.
-    deep_raw = r > max(1, min(m, n) // 2) and gap_raw >= cfg.override_gap
+        dense = delta.to(torch.float32) if delta is not None else (child.to(torch.float32) - base.to(torch.float32))
+    src = DeltaSource(base, child, delta, dense, cfg.block_rows if stream else max(m, 1))
+    dp = measure(src, grid)
+    facts = _DeltaFacts.of(dp, (m, n), base is not None, grid)
+    total = dp.total
+    if dp.changed == 0 or total == 0.0:
+        return facts.result(**_unchanged(m, n, cfg))
+    if quantised_only or (dp.within_round and grid is not None):
+        return facts.result(status="noise-like" if quantised_only else "rounding", rank=0, rank_capped=False,
+                            gap=None, noise_floor=0.0, noise_sigma=math.sqrt(total / (m * n)), singular_values=(),
+                            spikes=0, energy_left={}, energy_left_exact_upto=0)
+    reading, s_raw = _read_spectrum(src, cfg, dp)
+    dec = _decide(reading, m, n, cfg)
+    dec = _known_noise_reading(dec, src, cfg, quant_grid)
+    log.debug("lowrank %sx%s: status=%s rank=%d gap=%s", m, n, dec.status, dec.rank, dec.gap)
+    return facts.result(status=dec.status, rank=dec.rank, rank_capped=bool(dec.capped), gap=dec.gap,
+                        noise_floor=dec.floor, noise_sigma=math.sqrt(total / (m * n)) if dec.rank == 0 else dec.sigma,
+                        singular_values=tuple(s_raw[: max(2 * dec.rank + 8, 16)]), spikes=dec.spikes,
+                        energy_left=_energy_ladder(s_raw, total), energy_left_exact_upto=len(s_raw),
+                        known_noise=dec.known, rank_source=dec.source)
+
+
+def _read_spectrum(src: DeltaSource, cfg: LowRankConfig, dp: DeltaPass) -> tuple[SpectrumReading, list[float]]:
+    """The reading that sets the rank, and the raw delta's singular values (reported as they are).
+
+    Pass 0 reads the raw delta.  A clear gap in the raw spectrum is trusted as is; otherwise the
+    delta is whitened (:func:`lineage.signals.spectrum.whitened`).  A rank beyond half the width
+    comes from the deep reading (a clear drop to the noise edge); whitening's floors say nothing
+    there, so that reading is kept as is.
+    """
+    m, n = src.shape
+    raw = adaptive_svd(src.blocks, src.dense, m, n, cfg, dp.row_sq, dp.col_sq)
+    s_raw = [float(x) for x in raw.S]
+    gap_raw = raw.gap
+    deep_raw = raw.rank > max(1, min(m, n) // 2) and gap_raw >= cfg.override_gap
     rounds = 0 if gap_raw >= cfg.trust_gap or deep_raw else cfg.whiten
-    r_raw, raw = r, (U, S, V, r, floor, sigma, k, cap)
-    if rounds:
-        r = 0
-    for _ in range(rounds):
-        if r == 0 and wsq_r is row_sq:
-            # nothing removed yet and no scaling: the residual energies are the delta's own
-            rres, cres = row_sq, col_sq
-        elif dense is not None:
-            wd = dense * inv_a.float()[:, None] * inv_b.float()[None, :]
-            R = wd - (U[:, :r] * ws[:r]) @ V[:, :r].T if r else wd
-            R2 = R * R
-            rres, cres = R2.sum(1).double(), R2.sum(0).double()
-            del R, R2, wd
-        else:
-            rres, cres = _residual_energies(ws, U, V, wsq_r, wsq_c, r)
-        inv_a = inv_a / _norm_scale(rres / max(n - r, 1))
-        inv_b = inv_b / _norm_scale(cres / max(m - r, 1))
-        fa, fb = inv_a.float(), inv_b.float()
-        wblocks = lambda fa=fa, fb=fb: _blocks(base, child, delta, rows, fa, fb)
-        wdense = dense * fa[:, None] * fb[None, :] if dense is not None else None
-        wsq_r, wsq_c = _energies(wblocks() if wdense is None else [(0, wdense)], m, n)
-        U, ws, V, r, floor, sigma, k, cap = _adaptive_svd(wblocks, wdense, m, n, cfg, wsq_r, wsq_c)
-    if rounds and r_raw and gap_raw > _gap_at(ws, r):
+    if not rounds:
+        return raw, s_raw
+    white = whitened(raw, src, cfg, dp.row_sq, dp.col_sq, rounds)
+    if raw.rank and gap_raw > white.gap:
         # the raw spectrum drops more clearly at its rank than the whitened one does at its own:
         # whitening (scales from a residual still holding the update) blurred it; keep the raw reading
-        U, ws, V, r, floor, sigma, k, cap = raw
-    # Single-entry outliers (one huge rounding error) make a component localised in
-    # both u and v; a low-rank update does not.  They are not counted in the rank.
+        return raw, s_raw
+    return white, s_raw
+
+
+def _decide(reading: SpectrumReading, m: int, n: int, cfg: LowRankConfig) -> _RankReading:
+    """Status and rank from a reading, single-entry spikes left out.
+
+    Single-entry outliers (one huge rounding error) make a component localised in both u and v;
+    a low-rank update does not.  They are not counted in the rank.
+    """
+    U, ws, V, r = reading.U, reading.S, reading.V, reading.rank
+    spikes = 0
     if r:
         loc = ((U[:, :r] ** 2).amax(0) > 0.5) & ((V[:, :r] ** 2).amax(0) > 0.5)
         spikes = int(loc.sum())
         keep = (~loc).nonzero().flatten()
         ws = torch.cat([ws[keep], ws[r:]])
         r -= spikes
-    else:
-        spikes = 0
-    capped = r > 0 and k >= cap and r >= k - 2
+    capped = r > 0 and reading.k >= reading.cap and r >= reading.k - 2
     w = [float(x) for x in ws]
     gap = (w[r - 1] / w[r] if r < len(w) and w[r] > 0 else math.inf) if r >= 1 else None
+    if r == 0:
+        status = "noise-like"
+    elif capped or (gap is not None and gap < cfg.gap_min) or (
+            r > max(1, min(m, n) // 2) and not (gap is not None and gap >= cfg.override_gap and r < min(m, n))):
+        # above half the width only the deep reading's clear drop (the spectrum falling to the
+        # noise edge, see lineage.signals.spectrum) is low-rank
+        status = "dense"
+    else:
+        status = "low-rank"
+    return _RankReading(status, r, spikes, capped, gap, reading.floor, reading.sigma)
+
+
+def _energy_ladder(s_raw: list[float], total: float) -> dict[int, float]:
+    """Fraction of the delta's energy left after the top k components, k on :data:`LADDER`."""
     cum = 0.0
     energy: dict[int, float] = {}
     for i, v in enumerate(s_raw, start=1):
         cum += v * v
         if i in LADDER:
             energy[i] = max(total - cum, 0.0) / total
-    if r == 0:
-        status = "noise-like"
-    elif capped or (gap is not None and gap < cfg.gap_min) or (
-            r > max(1, min(m, n) // 2) and not (gap is not None and gap >= cfg.override_gap and r < min(m, n))):
-        # above half the width only the deep reading's clear drop (the spectrum falling to the
-        # noise edge, see _rank_at_floor) is low-rank
-        status = "dense"
-    else:
-        status = "low-rank"
-    known = None
-    source = "estimated floor"
-    decisive = status == "low-rank" and gap is not None and gap >= cfg.trust_gap and r <= min(m, n) // 4
-    # Matrices beyond the exact-spectrum size need sketches, whose cost grows with the count: there the
-    # known-noise count only refines a low-rank reading without a decisive gap.  (Where the estimated
-    # floor sees noise or a dense spectrum up to the sketch cap, the count would run into the bulk or
-    # the cap and fail its check; ranks of a third of the width or more, where the estimated floor
-    # misses, do not occur at these widths.)
-    worth = m * n <= cfg.full_spectrum_elems or (status == "low-rank" and not capped)
-    if cfg.known_noise and dense is not None and child is not None and not decisive and worth:
-        noise = rounding_noise(child, quant_grid)
-        if noise is not None:
-            kn = known_noise_rank(dense, noise, exact_elems=cfg.full_spectrum_elems, k_max=cfg.k_max,
-                                  oversample=cfg.oversample, seed=cfg.seed)
-            known = {**kn.to_dict(), **noise.to_dict()}
-            room = min(m, n) - max(4, min(m, n) // 16)  # the count must leave a noise subspace to test against
-            lo, hi = cfg.known_noise_tail
-            clear = kn.rank == 0 or kn.lead >= cfg.known_noise_lead
-            if lo <= kn.tail_ratio <= hi and kn.excess_components <= cfg.known_noise_excess and kn.rank <= room \
-                    and clear:
-                source = "known rounding noise"
-                status, r, spikes, capped = ("low-rank" if kn.rank else "noise-like"), kn.rank, 0, False
-                gap = kn.gap if kn.rank else None
-                mean_var = float(noise.variance.double().mean())
-                floor = math.sqrt(mean_var) * (math.sqrt(m) + math.sqrt(n))
-                if r:
-                    sigma = math.sqrt(kn.tail_ratio * mean_var)
-    log.debug("lowrank %sx%s: status=%s rank=%d gap=%s", m, n, status, r, gap)
-    return LowRank(status=status, rank=r, rank_capped=bool(capped), gap=gap,
-                   noise_floor=floor, noise_sigma=math.sqrt(total / (m * n)) if r == 0 else sigma,
-                   singular_values=tuple(s_raw[: max(2 * r + 8, 16)]), spikes=spikes,
-                   energy_left=energy, energy_left_exact_upto=len(s_raw), known_noise=known,
-                   rank_source=source, **common)
+    return energy
 
 
-# ----------------------------------------------------------------------------- summary
+def _known_noise_reading(dec: _RankReading, src: DeltaSource, cfg: LowRankConfig,
+                         quant_grid: QuantGrid | None) -> _RankReading:
+    """The rank counted above the child format's known rounding noise, when it applies and its check passes.
 
-
-@dataclass(frozen=True)
-class LowRankSummary:
-    """Across modules: ``kind`` in unchanged / rounding / low-rank / dense / noise-like."""
-
-    kind: str
-    rank: int | None
-    modules: tuple[str, ...]
-    ranks: dict[str, int] = field(default_factory=dict)
-    statuses: dict[str, str] = field(default_factory=dict)
-    description: str = ""
-    #: changed modules no wider than the rank (a rank-r update of them is full rank)
-    full_rank_modules: tuple[str, ...] = ()
-    #: how the low-rank modules' ranks were read: module count per ``LowRank.rank_source``
-    rank_sources: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-_LAYER = re.compile(r"^L(\d+)\.(.+)$")
-
-
-def compress_modules(names: list[str] | tuple[str, ...]) -> str:
-    """``L0.attn.q.weight, L1.attn.q.weight`` → ``attn.q in layers 0-1``."""
-    by_suffix: dict[str, list[int]] = {}
-    others: list[str] = []
-    for nm in names:
-        mt = _LAYER.match(nm)
-        if mt:
-            suffix = mt.group(2).removesuffix(".weight")
-            by_suffix.setdefault(suffix, []).append(int(mt.group(1)))
-        else:
-            others.append(nm)
-    parts = []
-    for suffix, layers in sorted(by_suffix.items()):
-        layers = sorted(set(layers))
-        runs, start, prev = [], layers[0], layers[0]
-        for x in layers[1:] + [None]:
-            if x is not None and x == prev + 1:
-                prev = x
-                continue
-            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
-            if x is not None:
-                start = prev = x
-        parts.append((suffix, ",".join(runs)))
-    # modules sharing one layer set are written once: "attn.o, attn.q in layers 0-1"
-    grouped: dict[str, list[str]] = {}
-    for suffix, runs_text in parts:
-        grouped.setdefault(runs_text, []).append(suffix)
-    text = [f"{', '.join(sfx)} in layer{'s' if ('-' in r or ',' in r) else ''} {r}" for r, sfx in grouped.items()]
-    return "; ".join(text + sorted(others))
-
-
-def summarise(results: Mapping[str, LowRank], *, noise_is_untouched: bool = False) -> LowRankSummary:
-    """Combine per-module results into one statement.
-
-    ``noise_is_untouched``: count noise-like modules as untouched (set it when the
-    child is known to be quantised, so untouched modules carry only rounding noise).
+    Matrices beyond the exact-spectrum size need sketches, whose cost grows with the count: there the
+    known-noise count only refines a low-rank reading without a decisive gap.  (Where the estimated
+    floor sees noise or a dense spectrum up to the sketch cap, the count would run into the bulk or
+    the cap and fail its check; ranks of a third of the width or more, where the estimated floor
+    misses, do not occur at these widths.)
     """
-    statuses = {k: v.status for k, v in results.items()}
-    ranks = {k: v.rank for k, v in results.items() if v.status == "low-rank"}
-    dense = tuple(sorted(k for k, s in statuses.items() if s == "dense"))
-    lowr = tuple(sorted(ranks))
-    noise = tuple(sorted(k for k, s in statuses.items() if s == "noise-like"))
-    if not results or all(s == "unchanged" for s in statuses.values()):
-        return LowRankSummary("unchanged", None, (), {}, statuses, "no module changed")
-    if all(s in ("unchanged", "rounding") for s in statuses.values()):
-        return LowRankSummary("rounding", None, (), {}, statuses,
-                              "every change is float re-encoding rounding")
-    # a dense module no wider than the largest low-rank rank may be a LoRA of that rank at full rank
-    r_top = max(ranks.values()) if ranks else 0
-    dense_wide = tuple(k for k in dense if min(results[k].shape) > r_top)
-    if dense and len(dense_wide) >= len(lowr):
-        return LowRankSummary("dense", None, dense, ranks, statuses,
-                              f"dense update on {len(dense)} modules")
-    if lowr:
-        # A merged LoRA has one rank r in every touched module (or the full rank of a
-        # module narrower than r) and leaves other modules alone; a trained dense
-        # update of a small model can look low-rank module by module, but with
-        # ranks that differ and every module changed.
-        counts = Counter(ranks.values())
-        r_mode = max(counts, key=lambda x: (counts[x], x))
-        consistent = sum(1 for k in lowr if ranks[k] == r_mode or ranks[k] == min(results[k].shape)
-                         ) >= 0.75 * len(lowr)
-        untouched = any(s in ("unchanged", "rounding") for s in statuses.values()) or (
-            noise_is_untouched and bool(noise))
-        gaps = sorted(results[k].gap for k in lowr if results[k].gap is not None)
-        clear = bool(gaps) and gaps[len(gaps) // 2] >= 3.0
-        if not untouched and not (consistent and clear):
-            return LowRankSummary("dense", None, lowr, ranks, statuses,
-                                  f"structured update of every module ({len(lowr)} modules, ranks "
-                                  f"{min(ranks.values())}-{max(ranks.values())})")
-        r = r_mode if consistent else max(ranks.values())
-        # A module no wider than the rank takes the update at full rank: it is changed, but nothing
-        # tells that change from a dense one, so it is listed apart (when wider modules carry the rank).
-        narrow = tuple(sorted(k for k in lowr + dense if min(results[k].shape) <= r))
-        if narrow and len(set(lowr) - set(narrow)):
-            lowr = tuple(k for k in lowr if k not in narrow)
-        else:
-            narrow = ()
-        desc = f"low-rank update, rank {r} on {compress_modules(lowr)}"
-        if narrow:
-            desc += f"; at full rank (no wider than the rank) on {compress_modules(narrow)}"
-        sources = dict(Counter(results[k].rank_source for k in lowr))
-        return LowRankSummary("low-rank", r, lowr, ranks, statuses, desc, full_rank_modules=narrow,
-                              rank_sources=sources)
-    return LowRankSummary("noise-like", None, noise, {}, statuses,
-                          f"noise-like change on {len(noise)} modules (no low-rank structure)")
-
-
-def lowrank_key(child_map: object, role: str, config: LowRankConfig | None) -> tuple:
-    """Memo key of :func:`lowrank` for ``role`` of (base mapping, ``child_map``) (see lineage.lazyroles.remember)."""
-    return ("lowrank", id(child_map), role, config or LowRankConfig())
+    m, n = src.shape
+    decisive = dec.status == "low-rank" and dec.gap is not None and dec.gap >= cfg.trust_gap \
+        and dec.rank <= min(m, n) // 4
+    worth = m * n <= cfg.full_spectrum_elems or (dec.status == "low-rank" and not dec.capped)
+    if not (cfg.known_noise and src.dense is not None and src.child is not None and not decisive and worth):
+        return dec
+    noise = rounding_noise(src.child, quant_grid)
+    if noise is None:
+        return dec
+    kn = known_noise_rank(src.dense, noise, exact_elems=cfg.full_spectrum_elems, k_max=cfg.k_max,
+                          oversample=cfg.oversample, seed=cfg.seed)
+    known = {**kn.to_dict(), **noise.to_dict()}
+    room = min(m, n) - max(4, min(m, n) // 16)  # the count must leave a noise subspace to test against
+    lo, hi = cfg.known_noise_tail
+    clear = kn.rank == 0 or kn.lead >= cfg.known_noise_lead
+    if not (lo <= kn.tail_ratio <= hi and kn.excess_components <= cfg.known_noise_excess and kn.rank <= room
+            and clear):
+        return replace(dec, known=known)
+    mean_var = float(noise.variance.double().mean())
+    return _RankReading(status="low-rank" if kn.rank else "noise-like", rank=kn.rank, spikes=0, capped=False,
+                        gap=kn.gap if kn.rank else None,
+                        floor=math.sqrt(mean_var) * (math.sqrt(m) + math.sqrt(n)),
+                        sigma=math.sqrt(kn.tail_ratio * mean_var) if kn.rank else dec.sigma,
+                        source="known rounding noise", known=known)
 
 
 def lowrank_modules(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -629,16 +379,17 @@ def lowrank_modules(pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     :mod:`lineage.lazyroles`), on ``workers`` single-threaded threads (default: one per
     core for a lazy mapping, inline otherwise); results do not depend on the worker count.
     """
+    cfg = config or LowRankConfig()
     px, py = getattr(pairs, "x", None), getattr(pairs, "y", None)
 
     def one(role: str) -> LowRank | None:
         if px is not None:  # a PairView: a pass that already ran this module may have left the result
-            hit = recall(px, lowrank_key(py, role, config))
+            hit = recall(px, lowrank_key(py, role, cfg))
             if hit is not None:
                 return hit if isinstance(hit, LowRank) else None
         b, c = pairs[role]
         if b.dim() == 2 and b.shape == c.shape:
-            return lowrank(b, c, config=config)
+            return lowrank(b, c, config=cfg)
         return None
 
     if workers is None and not is_lazy(pairs):

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lineage.signals.memo import pair_stats_key
+
 #: Elements per float32 chunk (256 KiB per operand: float32 dot products over short chunks stay accurate).
 CHUNK = 1 << 16
 
@@ -98,11 +100,6 @@ def pair_stats(x: torch.Tensor, y: torch.Tensor, chunk: int = CHUNK) -> PairStat
         acc += part.double()
     v = acc.tolist()
     return PairStats(n, mx, my, v[0], v[1], v[2], v[3], v[4], v[5], zx, zy)
-
-
-def pair_stats_key(b: Mapping[str, torch.Tensor], role: str) -> tuple:
-    """Memo key of ``pair_stats(a[role], b[role])`` on ``a`` (see :func:`lineage.lazyroles.remember`)."""
-    return ("pair_stats", id(b), role)
 
 
 def memo_pair_stats(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], role: str) -> PairStats:

@@ -32,8 +32,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from lineage.io.dtypes import FLOAT_FORMATS
 from lineage.lazyroles import is_lazy, map_roles, recall, shape_of
 from lineage.signals.floatgrid import float_grid
+from lineage.signals.memo import DETECT_ROWS, detect_key
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +226,15 @@ def detect_grid_sampled(rows_child: torch.Tensor, rows_parent: torch.Tensor | No
     return replace(cols, axis=1, format=f"{cols.format} along columns")
 
 
+#: Relative tolerance on an fp32 (or unknown) grid: wider than its ulp, for steps inferred in float32 arithmetic.
+_FP32_REL_TOL = 2.0**-20
+
+
+def _rel_tol(fg: str | None) -> float:
+    """One ulp of the half-precision grid ``fg`` relative to the value (2**-mantissa bits), else the fp32 tolerance."""
+    return 2.0 ** -FLOAT_FORMATS[fg].mantissa_bits if fg in ("bf16", "fp16") else _FP32_REL_TOL
+
+
 def _detect_rows(x: torch.Tensor, parent: torch.Tensor | None, max_rows: int, fg: str | None = None,
                  probe_rows: int = 8) -> QuantGrid:
     """:func:`detect_grid` along the rows of the 2-D float32 ``x`` (``fg``: its float grid, when known)."""
@@ -231,7 +242,7 @@ def _detect_rows(x: torch.Tensor, parent: torch.Tensor | None, max_rows: int, fg
     xs = _sample_rows(x, max_rows)
     m, n = xs.shape
     # stored values and the inferred step each carry one rounding of the float format
-    rel_tol = {"bf16": 2.0**-7, "fp16": 2.0**-10}.get(fg, 2.0**-20)
+    rel_tol = _rel_tol(fg)
     none = QuantGrid(False, fg if fg != "fp32" else None, None, None, None, fg, 0.0, None, m)
     if n < 16 or x.numel() < 64 or not bool(torch.isfinite(xs).all()):
         return none
@@ -313,7 +324,7 @@ def grid_steps(child: torch.Tensor, grid: QuantGrid, *, block_rows: int = 512) -
     g = grid.group_size
     if n % g:
         return None
-    rel_tol = {"bf16": 2.0**-7, "fp16": 2.0**-10}.get(grid.float_grid, 2.0**-20)
+    rel_tol = _rel_tol(grid.float_grid)
     out = torch.empty(m, n // g, dtype=torch.float32)
     for r0 in range(0, m, block_rows):
         xb = x[r0 : r0 + block_rows]
@@ -378,13 +389,8 @@ class QuantSummary:
         return asdict(self)
 
 
-def detect_key(child_map: object, role: str, max_rows: int) -> tuple:
-    """Memo key of ``detect_grid(child, parent)`` for ``role`` (see lineage.lazyroles.remember)."""
-    return ("quantgrid", id(child_map), role, max_rows)
-
-
 def detect_modules(pairs: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]],
-                   max_rows: int = 128) -> tuple[dict[str, QuantGrid], QuantSummary]:
+                   max_rows: int = DETECT_ROWS) -> tuple[dict[str, QuantGrid], QuantSummary]:
     """Run :func:`detect_grid` on ``role -> (parent or None, child)`` (2-D tensors only).
 
     Modules are visited one at a time (``pairs`` may read on access, see :mod:`lineage.lazyroles`).

@@ -32,7 +32,7 @@ round-to-nearest error is uniform within it, with variance ``step² / 12``.
 
 Components of ``D`` weaker than the noise edge cannot be seen by any spectral method
 (they fall below the BBP transition): the count is then a lower bound on the rank,
-with ``tail_ratio`` a little above 1.  :func:`lineage.signals.lowrank.summarise`
+with ``tail_ratio`` a little above 1.  :func:`lineage.signals.lowrank_summary.summarise`
 pools modules, which a LoRA gives one common rank.
 """
 

@@ -6,7 +6,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from lineage.pvalue import format_p
+from lineage.render.pvalue import format_p
 from lineage.report import Report, TensorRow
 
 _COLOURS = {"green": "32", "red": "31", "yellow": "33", "dim": "2", "bold": "1", "cyan": "36"}
@@ -100,7 +100,7 @@ def aligned_rows(report: Report) -> tuple[list[str], list[dict[str, Any]]]:
 
 def summary_text(summary: str) -> str:
     """The verdict's summary without its own copy of the p-value (the verdict line already gives it,
-    written by :func:`lineage.pvalue.format_p`)."""
+    written by :func:`lineage.render.pvalue.format_p`)."""
     out = re.sub(r"\s*log10 p = -?[\d.]+(e[+-]?\d+)?\s*(?=under)", " ", summary)
     out = re.sub(r"\s*\(p = [^)]*\)", "", out)
     return re.sub(r"\s{2,}", " ", out).replace("found: under", "found under")

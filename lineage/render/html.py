@@ -6,10 +6,10 @@ import html
 from collections import defaultdict
 from typing import Any
 
-from lineage.plots import mpl_line_chart, page
-from lineage.pvalue import format_p
+from lineage.render.plots import mpl_line_chart, page
+from lineage.render.pvalue import format_p
 from lineage.report import Report
-from lineage.render_text import GRID_KINDS, aligned_rows, canonical_decided, meaningful_transforms, summary_text
+from lineage.render.text import GRID_KINDS, aligned_rows, canonical_decided, meaningful_transforms, summary_text
 
 #: What no weight comparison can tell, said in every summary.
 LIMITS = ("what data a model was trained on, or how it behaves; only that its weights descend (or not) "

@@ -1,4 +1,5 @@
-"""Fingerprint workflows: make a model's fingerprint, and compare when either side is a fingerprint file."""
+"""Fingerprint workflows (the method is :mod:`lineage.fingerprint`): make a model's `.lfp` file, and compare
+when either side of a comparison is one."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from lineage.canon import CheckpointModel
 from lineage.fingerprint import (
     CANNOT_CONCLUDE,
+    SUFFIX,
     Fingerprint,
     compare_fingerprints,
     compute_fingerprint,
@@ -27,8 +29,6 @@ from lineage.verdict import DERIVED_P, UNRELATED_P, Verdict, p_from_log10
 
 log = logging.getLogger(__name__)
 
-#: File suffix of fingerprint files.
-SUFFIX = ".lfp"
 
 NULL_FINGERPRINT = (
     "H0: independent initialisation. Per-layer z from token-anchored, transform-invariant sketches of the "

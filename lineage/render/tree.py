@@ -12,8 +12,8 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lineage.plots import page
-from lineage.pvalue import format_p
+from lineage.render.plots import page
+from lineage.render.pvalue import format_p
 from lineage.tree import Edge, Tree
 
 COLOURS = {"fine-tune": "#1f77b4", "lora merge": "#2ca02c", "quantised copy": "#9467bd",
