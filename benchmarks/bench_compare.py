@@ -229,6 +229,7 @@ def _summary(report_json: str) -> dict:
         "n_modules": len(det.get("modules") or []),
         "quant_format": det.get("quant_format"),
         "timing": rep.get("timing"),
+        "canon_gate": rep.get("canon_gate"),
         "anatomy_exact_reads": an.get("exact_reads"),
         "bytes_read": {"a": rep["a"]["bytes_read"], "b": rep["b"]["bytes_read"]},
         "total_bytes": {"a": rep["a"]["total_bytes"], "b": rep["b"]["total_bytes"]},

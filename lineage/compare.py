@@ -32,7 +32,17 @@ from lineage.progress import ProgressFn
 from lineage.render.anatomy import anatomy_summary
 from lineage.report import Finding, ModelSummary, Report, TensorRow
 from lineage.signals.similarity import similarity_from_moments
-from lineage.verdict import DERIVED_P, MatrixEvidence, decide, decide_canonical, p_from_log10
+from lineage.canon.gate import MODES as CANON_MODES
+from lineage.canon.gate import CanonDecision, Structure, decide_canon
+from lineage.verdict import (
+    ANATOMY_RELATIONS,
+    DERIVED_P,
+    MatrixEvidence,
+    Verdict,
+    decide,
+    decide_canonical,
+    p_from_log10,
+)
 from lineage.stream.screen import BlockPart, ModuleScreen, ScreenBuilder, ScreenConfig
 from lineage_kernels.moments import pair_moments
 from lineage_kernels.threads import single_threaded
@@ -51,7 +61,10 @@ class CompareOptions:
 
     device: str = "cpu"
     block_elems: int = 1 << 22
+    #: False is ``canon="never"`` (the former switch, kept).
     canonicalise: bool = True
+    #: The canonical test: ``auto`` (when the element-wise evidence leaves something to undo), ``always``, ``never``.
+    canon: str = "auto"
     prefetch: bool = True
     #: Threads reducing blocks on the CPU (0: one per core).  Each runs torch single-threaded:
     #: OpenMP intra-op threads spin and collapse under oversubscription.
@@ -66,6 +79,13 @@ class CompareOptions:
             raise ConfigError(f"workers must be >= 0, not {self.workers}")
         if self.block_elems < 1024:
             raise ConfigError(f"block_elems must be at least 1024, not {self.block_elems}")
+        if self.canon not in CANON_MODES:
+            raise ConfigError(f"canon must be one of {', '.join(CANON_MODES)}, not {self.canon!r}")
+
+    @property
+    def canon_mode(self) -> str:
+        """The effective ``--canon`` mode (``canonicalise=False`` means ``never``)."""
+        return self.canon if self.canonicalise else "never"
 
     def torch_device(self) -> torch.device:
         """The torch device to compute on (``auto`` picks CUDA when present)."""
@@ -182,7 +202,7 @@ def _reduce_blocks(
     tick = _Ticker(progress, "reading", total)
 
     # the element-wise comparison alone (--no-canon) needs the seven moment sums only
-    elementwise = not opts.canonicalise
+    elementwise = opts.canon_mode == "never"
 
     def reduce(i: int, r0: int, xa: torch.Tensor, xb: torch.Tensor) -> tuple[int, int, BlockPart | torch.Tensor]:
         if xa.shape != xb.shape:
@@ -330,8 +350,38 @@ def _compare_open(
     moments, screens = _reduce_blocks(ca, cb, jobs, opts, device, progress)
     t_stream = time.perf_counter()
     c_stream = time.process_time()
-    t_canon = c_canon = None
+    rows_out, evidence = _elementwise_rows(ca, cb, ra, rb, jobs, moments, rows_out, findings)
+    width_changes = {r.role: (r.shape_a, r.shape_b) for r in rows_out if r.shape_a != r.shape_b}
+    n_unmatched = len(pairing.only_a) + len(pairing.only_b) + len(width_changes)
+    verdict = decide(evidence, n_unmatched=n_unmatched)
+    nonfinite = any(f.severity == "error" and "NaN" in f.message for f in findings)
+    gate = _canon_gate(opts, verdict, evidence, ra, rb, n_unmatched, nonfinite, findings)
+    res = _analyse(_PairContext(ca, cb, ra, rb, pairing, width_changes, screens, progress), gate, verdict, nonfinite,
+                   findings)
+    verdict, canon_dict, anatomy_dict, t_canon, c_canon = res.verdict, res.canon, res.anatomy, res.t_canon, res.c_canon
+    t_end = time.perf_counter()
+    c_end = time.process_time()
+    return Report(
+        a=_summary(ca, ra),
+        b=_summary(cb, rb),
+        verdict=verdict,
+        layers=tuple(rows_out),
+        only_a=tuple(pairing.only_a),
+        only_b=tuple(pairing.only_b),
+        findings=tuple(findings),
+        canon=canon_dict,
+        anatomy=anatomy_dict,
+        canon_gate=gate,
+        timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "analysis_s": t_end - t_stream,
+                **_stage_times(t_stream, c_open, c_stream, t_canon, c_canon, t_end, c_end),
+                "total_s": t_end - t0},
+    )
 
+
+def _elementwise_rows(ca: Checkpoint, cb: Checkpoint, ra: RoleMap, rb: RoleMap, jobs: list[_Job],
+                      moments: list[torch.Tensor], rows_out: list[TensorRow], findings: list[Finding]
+                      ) -> tuple[list[TensorRow], list[MatrixEvidence]]:
+    """One report row per streamed job (sorted by layer) and the matrices that count as evidence."""
     evidence: list[MatrixEvidence] = []
     tied_embed = bool(getattr(ra.arch, "tied_embeddings", False) or getattr(rb.arch, "tied_embeddings", False))
     for job, mom in zip(jobs, moments):
@@ -356,43 +406,60 @@ def _compare_open(
                 MatrixEvidence(job.role, job.rows, shape_a[1], sim.pearson or 0.0, sim.rel_l2, sim.identical and job.full)
             )
     rows_out.sort(key=lambda r: (-1 if r.layer is None else r.layer, r.role))
-    width_changes = {r.role: (r.shape_a, r.shape_b) for r in rows_out if r.shape_a != r.shape_b}
-    verdict = decide(evidence, n_unmatched=len(pairing.only_a) + len(pairing.only_b) + len(width_changes))
-    canon_dict: dict[str, Any] | None = None
-    anatomy_dict: dict[str, Any] | None = None
-    nonfinite = any(f.severity == "error" and "NaN" in f.message for f in findings)
-    if nonfinite and opts.canonicalise:
-        findings.append(Finding("warning", "canonicalisation skipped: non-finite weights; element-wise verdict only"))
-    if opts.canonicalise and not nonfinite and verdict.relation not in ("identical", "not comparable"):
-        canon, problem = _canonical(ca, cb, ra, rb, progress)
-        t_canon, c_canon = time.perf_counter(), time.process_time()
-        if problem is not None:
-            findings.append(problem)
-        if canon is not None:
-            canon_dict = canon.to_dict()
-            disguised: bool | None = None
-            if canon.log10_p <= math.log10(DERIVED_P):
-                anatomy_dict, disguised = _realigned_anatomy(ca, cb, ra, rb, canon, verdict, findings, width_changes)
-            if anatomy_dict is None and not disguised:
-                anatomy_dict = _anatomy(ca, cb, pairing, verdict, canon.log10_p, findings, ra, rb, canon,
-                                        width_changes, screens, progress)
-            verdict = decide_canonical(verdict, canon.log10_p, canon.transforms, anatomy_dict, disguised)
-    t_end = time.perf_counter()
-    c_end = time.process_time()
-    return Report(
-        a=_summary(ca, ra),
-        b=_summary(cb, rb),
-        verdict=verdict,
-        layers=tuple(rows_out),
-        only_a=tuple(pairing.only_a),
-        only_b=tuple(pairing.only_b),
-        findings=tuple(findings),
-        canon=canon_dict,
-        anatomy=anatomy_dict,
-        timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "analysis_s": t_end - t_stream,
-                **_stage_times(t_stream, c_open, c_stream, t_canon, c_canon, t_end, c_end),
-                "total_s": t_end - t0},
-    )
+    return rows_out, evidence
+
+
+@dataclass(frozen=True)
+class _PairContext:
+    """What the analysis stages after streaming read: both checkpoints, their roles, the pairing."""
+
+    ca: Checkpoint
+    cb: Checkpoint
+    ra: RoleMap
+    rb: RoleMap
+    pairing: Any
+    width_changes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+    screens: dict[str, ModuleScreen] | None
+    progress: ProgressFn | None
+
+
+@dataclass(frozen=True)
+class _Analysis:
+    """The final verdict with the canonical test's and the anatomy's results (and when the test ended)."""
+
+    verdict: Verdict
+    canon: dict[str, Any] | None
+    anatomy: dict[str, Any] | None
+    t_canon: float | None = None
+    c_canon: float | None = None
+
+
+def _analyse(ctx: _PairContext, gate: CanonDecision, verdict: Verdict, nonfinite: bool,
+             findings: list[Finding]) -> _Analysis:
+    """The canonical test when the gate says so (then realignment or the raw anatomy), else the raw anatomy."""
+    ca, cb, ra, rb, wc = ctx.ca, ctx.cb, ctx.ra, ctx.rb, ctx.width_changes
+    if not gate.ran:
+        if gate.mode == "never" or nonfinite:
+            return _Analysis(verdict, None, None)
+        # nothing to undo: the anatomy types the element-wise relation on the raw pairing
+        anatomy = _anatomy(ca, cb, ctx.pairing, verdict, verdict.log10_p, findings, ra, rb, None, wc,
+                           ctx.screens, ctx.progress)
+        return _Analysis(_with_anatomy(verdict, anatomy), None, anatomy)
+    canon, problem = _canonical(ca, cb, ra, rb, ctx.progress)
+    t_canon, c_canon = time.perf_counter(), time.process_time()
+    if problem is not None:
+        findings.append(problem)
+    if canon is None:
+        return _Analysis(verdict, None, None, t_canon, c_canon)
+    anatomy: dict[str, Any] | None = None
+    disguised: bool | None = None
+    if canon.log10_p <= math.log10(DERIVED_P):
+        anatomy, disguised = _realigned_anatomy(ca, cb, ra, rb, canon, verdict, findings, wc)
+    if anatomy is None and not disguised:
+        anatomy = _anatomy(ca, cb, ctx.pairing, verdict, canon.log10_p, findings, ra, rb, canon, wc, ctx.screens,
+                           ctx.progress)
+    final = decide_canonical(verdict, canon.log10_p, canon.transforms, anatomy, disguised)
+    return _Analysis(final, canon.to_dict(), anatomy, t_canon, c_canon)
 
 
 def _stage_times(t_stream: float, c_open: float, c_stream: float, t_canon: float | None, c_canon: float | None,
@@ -405,6 +472,28 @@ def _stage_times(t_stream: float, c_open: float, c_stream: float, t_canon: float
     else:
         out.update(anatomy_s=t_end - t_stream, anatomy_cpu_s=c_end - c_stream)
     return out
+
+
+def _canon_gate(opts: CompareOptions, verdict: Verdict, evidence: list[MatrixEvidence], ra: RoleMap, rb: RoleMap,
+                n_unmatched: int, nonfinite: bool, findings: list[Finding]) -> CanonDecision:
+    """Whether the canonical test runs (:func:`lineage.canon.gate.decide_canon`); a skip the evidence
+    decided is said in a finding."""
+    if nonfinite and opts.canon_mode != "never":
+        findings.append(Finding("warning", "canonicalisation skipped: non-finite weights; element-wise verdict only"))
+        return CanonDecision(False, opts.canon_mode, "non-finite weights: element-wise verdict only")
+    structure = Structure(ra.n_layers, rb.n_layers, ra.arch.hidden, rb.arch.hidden, n_unmatched)
+    gate = decide_canon(opts.canon_mode, verdict, evidence, structure)
+    log.info("canonical test %s: %s", "runs" if gate.ran else "skipped", gate.reason)
+    if not gate.ran and gate.mode == "auto" and verdict.derived is True and verdict.relation != "identical":
+        findings.append(Finding("info", f"canonical test skipped: {gate.reason} (--canon always runs it)"))
+    return gate
+
+
+def _with_anatomy(verdict: Verdict, anatomy: dict[str, Any] | None) -> Verdict:
+    """The element-wise verdict with the anatomy's relation (as :func:`decide_canonical` names it)."""
+    if not anatomy or verdict.relation != "derived" or anatomy.get("relation") not in ANATOMY_RELATIONS:
+        return verdict
+    return replace(verdict, relation=str(anatomy["relation"]))
 
 
 def _canonical(

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lineage.io.provenance import FileIntegrity, HubProvenance
 from lineage.provenance import Provenance
 from lineage.render.pvalue import format_p, p_float
 from lineage.verdict import Verdict
+
+if TYPE_CHECKING:  # the canon package pulls in torch; the report module must not
+    from lineage.canon.gate import CanonDecision
 
 SCHEMA = "lineage.compare/1"
 
@@ -89,6 +92,8 @@ class Report:
     adapter_check: dict[str, Any] | None = None
     merge: dict[str, Any] | None = None
     timing: dict[str, float] = field(default_factory=dict)
+    #: whether the canonical test ran and why; None: not recorded (fingerprint-only comparisons)
+    canon_gate: CanonDecision | None = None
     #: what the report was computed from and how (file hashes, versions, options, seeds)
     provenance: Provenance | None = None
     schema: str = SCHEMA
@@ -202,6 +207,11 @@ JSON_SCHEMA: dict[str, Any] = {
         "only_b": {"type": "array", "items": {"type": "string"}},
         "findings": {"type": "array"},
         "canon": {"type": ["object", "null"]},
+        "canon_gate": {"type": ["object", "null"], "required": ["ran", "mode", "reason"],
+                       "description": "whether the canonical test ran (--canon auto|always|never) and why; "
+                                      "auto skips it when the element-wise evidence leaves nothing to undo",
+                       "properties": {"ran": {"type": "boolean"}, "mode": {"enum": ["auto", "always", "never"]},
+                                      "reason": {"type": "string"}}},
         "anatomy": {"type": ["object", "null"]},
         "adapter_check": {"type": ["object", "null"]},
         "merge": {"type": ["object", "null"]},

@@ -36,6 +36,8 @@ class RunSpec:
     b: str
     device: str = "cpu"
     canonicalise: bool = True
+    #: ``--canon`` mode (auto | always | never); ``canonicalise=False`` forces never
+    canon: str = "auto"
     adapter: str | None = None
     parents: tuple[str, ...] = ()
     base: str | None = None
@@ -74,7 +76,8 @@ def compare_recorded(spec: RunSpec, *, progress: ProgressFn | None = None, hash_
 def _compare_all(spec: RunSpec, progress: ProgressFn | None) -> Report:
     from lineage.compare import CompareOptions, compare
 
-    report = compare(spec.a, spec.b, options=CompareOptions(device=spec.device, canonicalise=spec.canonicalise),
+    report = compare(spec.a, spec.b, options=CompareOptions(device=spec.device, canonicalise=spec.canonicalise,
+                                                             canon=spec.canon),
                      progress=progress)
     if spec.adapter is not None:
         from lineage.adaptercheck import check_adapter
@@ -116,7 +119,8 @@ def spec_from_report(d: Mapping[str, Any], where: str) -> RunSpec:
     o = dict(prov["options"])
     try:
         return RunSpec(a=str(o["a"]), b=str(o["b"]), device=str(o.get("device", "cpu")),
-                       canonicalise=bool(o.get("canonicalise", True)), adapter=o.get("adapter"),
+                       canonicalise=bool(o.get("canonicalise", True)), canon=str(o.get("canon", "always")),
+                       adapter=o.get("adapter"),
                        parents=tuple(o.get("parents") or ()), base=o.get("base"))
     except KeyError as e:
         raise ConfigError(f"{where}: provenance.options lacks {e}") from None

@@ -21,10 +21,17 @@ from lineage.cli.options import (OPT_COLOUR, OPT_HTML, OPT_JSON, OPT_OUTPUT, OPT
               help="Where the streaming pass (moments, sketches) runs; auto picks CUDA when present.")
 @click.option("--expect", type=click.Choice(["derived", "unrelated"]), help="Exit 1 unless the verdict agrees (for CI).")
 @OPT_TENSORS
+@click.option("--canon", "canon", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="The canonical test (undoes permutations, rotations and gains: the calibrated p-value for "
+                   "disguised pairs; costs a second read of both models and per-layer alignment, about as long "
+                   "again as the element-wise pass or more). auto: only when the element-wise evidence leaves "
+                   "something to undo (a module that looks unrelated or departs from its siblings, differing "
+                   "widths or depths, unmatched tensors, a verdict other than derived); otherwise skipped and said "
+                   "so in the report. always: every derived, unrelated or inconclusive pair. never: the "
+                   "element-wise comparison alone (one read; no anatomy either).")
 @click.option("--no-canon", is_flag=True,
-              help="Element-wise comparison alone: one read of each file (moments of every tensor, verdict and "
-                   "p-value from them). Skipped: the canonical test (a second read; undoes permutations, "
-                   "rotations and gains: the calibrated p-value for disguised pairs) and the anatomy (relation, "
+              help="Same as --canon never: element-wise comparison alone, one read of each file (moments of every "
+                   "tensor, verdict and p-value from them). Skipped: the canonical test and the anatomy (relation, "
                    "LoRA rank and modules, quantisation format, direction; exact work only on the modules the "
                    "streamed screen flags).")
 @click.option("--adapter", "adapter", type=click.Path(exists=True, file_okay=False), help="PEFT adapter folder: verify B = A + adapter.")
@@ -39,7 +46,7 @@ from lineage.cli.options import (OPT_COLOUR, OPT_HTML, OPT_JSON, OPT_OUTPUT, OPT
 @OPT_TOKEN
 def compare(
     a: str, b: str, as_json: bool, output: str | None, html_path: str | None, device: str, expect: str | None,
-    tensors: bool, no_canon: bool, adapter: str | None, parents: tuple[str, ...], merge_base: str | None,
+    tensors: bool, canon: str, no_canon: bool, adapter: str | None, parents: tuple[str, ...], merge_base: str | None,
     explain: bool, no_hash: bool, no_progress: bool, colour: bool | None, revision: str | None = None,
     token: str | None = None,
 ) -> int:
@@ -56,7 +63,8 @@ def compare(
 
     if revision or token:
         a, b = hub_refs((a, b), revision, token)
-    spec = RunSpec(a, b, device=device, canonicalise=not no_canon, adapter=adapter, parents=tuple(parents),
+    canon = "never" if no_canon else canon
+    spec = RunSpec(a, b, device=device, canonicalise=canon != "never", canon=canon, adapter=adapter, parents=tuple(parents),
                    base=merge_base)
     with progress(no_progress) as bar:
         report = compare_recorded(spec, progress=bar, hash_files=not no_hash)
