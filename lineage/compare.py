@@ -11,14 +11,10 @@ import contextlib
 import logging
 import math
 import os
-import queue
 import shutil
 import tempfile
-import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,9 +39,8 @@ from lineage.verdict import (
     decide_canonical,
     p_from_log10,
 )
-from lineage.stream.screen import BlockPart, ModuleScreen, ScreenBuilder, ScreenConfig
-from lineage_kernels.moments import pair_moments
-from lineage_kernels.threads import single_threaded
+from lineage.stream.engine import StreamJob, reduce_blocks
+from lineage.stream.screen import ModuleScreen, ScreenConfig
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +66,8 @@ class CompareOptions:
     workers: int = 0
     #: Per-module screening statistics gathered while streaming (they decide where the anatomy works exactly).
     screen: ScreenConfig = ScreenConfig()
+    #: BLAKE3 of every local file from the streaming pass's own reads (report: ``a.files[].blake3``).
+    hash_files: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -103,159 +100,23 @@ def split_role(role: str) -> tuple[int | None, str]:
     return layer, stem if param in ("weight", "bias") and stem else rest
 
 
-@dataclass
-class _Job:
-    role: str
-    view_a: Any
-    view_b: Any
-    shape_a: tuple[int, ...]
-    shape_b: tuple[int, ...]
-    rows: int  # rows compared (≤ both)
-    full: bool  # shapes equal
-    plain: bool  # both views are untransposed whole tensors: stream raw blocks
+_Job = StreamJob
 
 
 def _is_plain(view: Any) -> bool:
     return bool(view.is_plain)
 
 
-def _block_pairs(
-    ca: Checkpoint, cb: Checkpoint, job: _Job, block_elems: int
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    if job.plain:
-        meta = ca.tensors[job.view_a.tensor]
-        per = max(1, block_elems // max(1, meta.row_numel))
-        for s in range(0, job.rows, per):
-            e = min(job.rows, s + per)
-            yield s, ca.read_raw(job.view_a.tensor, s, e), cb.read_raw(job.view_b.tensor, s, e)
-    else:
-        ta, tb = read_role(ca, job.view_a), read_role(cb, job.view_b)
-        yield 0, ta[: job.rows], tb[: job.rows]
-
-
-def _stream(
-    ca: Checkpoint, cb: Checkpoint, jobs: list[_Job], block_elems: int, prefetch: bool
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(job_index, first_row, block_a, block_b)``, reading ahead on a thread when ``prefetch``."""
-
-    def produce() -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        for i, job in enumerate(jobs):
-            for r0, xa, xb in _block_pairs(ca, cb, job, block_elems):
-                yield i, r0, xa, xb
-
-    if not prefetch:
-        yield from produce()
-        return
-    q: queue.Queue[Any] = queue.Queue(maxsize=2)
-    stop = threading.Event()
-    done = object()
-
-    def worker() -> None:
-        try:
-            for item in produce():
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # handed to the consumer, re-raised there
-            q.put(e)
-
-    t = threading.Thread(target=worker, name="lineage-reader", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while t.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(0.05)
-
-
 def _reduce_blocks(
     ca: Checkpoint, cb: Checkpoint, jobs: list[_Job], opts: CompareOptions,
     device: torch.device, progress: ProgressFn | None,
-) -> tuple[list[torch.Tensor], dict[str, ModuleScreen]]:
-    """Moment sums and screening statistics of every job, streamed block by block.
-
-    Each block pair is reduced on a worker (moments, sketch, samples: :class:`ScreenBuilder.part`);
-    the parts are merged in stream order, so the result does not depend on the worker count.
-    Returns the seven moment sums per job (see :mod:`lineage_kernels.moments`) and the
-    :class:`ModuleScreen` of every job compared on its whole shape, by role.
-    """
-    total = sum(j.rows * ca.tensors[j.view_a.tensor].row_numel for j in jobs) or 1
-    builders = [ScreenBuilder(j.role, j.shape_a if j.full else (j.rows, *j.shape_a[1:]), opts.screen) for j in jobs]
-    moments: list[torch.Tensor] = [torch.zeros(7, dtype=torch.float64) for _ in jobs]
-    screens: dict[str, ModuleScreen] = {}
-    done = 0
-    left = [0] * len(jobs)
-    for j, job in enumerate(jobs):
-        meta = ca.tensors[job.view_a.tensor]
-        left[j] = len(range(0, job.rows, max(1, opts.block_elems // max(1, meta.row_numel)))) if job.plain else 1
-    tick = _Ticker(progress, "reading", total)
-
-    # the element-wise comparison alone (--no-canon) needs the seven moment sums only
-    elementwise = opts.canon_mode == "never"
-
-    def reduce(i: int, r0: int, xa: torch.Tensor, xb: torch.Tensor) -> tuple[int, int, BlockPart | torch.Tensor]:
-        if xa.shape != xb.shape:
-            raise LineageError(f"internal: block shapes differ for {jobs[i].role}: {tuple(xa.shape)} vs {tuple(xb.shape)}")
-        if device.type != "cpu":
-            xa, xb = xa.to(device, non_blocking=True), xb.to(device, non_blocking=True)
-        return i, xa.numel(), pair_moments(xa, xb) if elementwise else builders[i].part(r0, xa, xb)
-
-    def collect(result: tuple[int, int, BlockPart | torch.Tensor]) -> None:
-        nonlocal done
-        i, n, part = result
-        if isinstance(part, torch.Tensor):
-            moments[i] += part
-            done += n
-            tick(done, jobs[i].role)
-            return
-        builders[i].add(part)
-        left[i] -= 1
-        if left[i] == 0:
-            sc = builders[i].finish()
-            moments[i] = sc.moments.pair_moments()
-            if jobs[i].full:
-                screens[jobs[i].role] = sc
-            builders[i] = None  # type: ignore[call-overload]  # its samples are no longer needed
-        done += n
-        tick(done, jobs[i].role)
-
-    blocks = _stream(ca, cb, jobs, opts.block_elems, opts.prefetch)
-    workers = opts.workers or (os.cpu_count() or 1)
-    if device.type != "cpu" or workers == 1:
-        for item in blocks:
-            collect(reduce(*item))
-        return moments, screens
-    with single_threaded(), ThreadPoolExecutor(workers, thread_name_prefix="lineage-reduce") as pool:
-        pending: deque[Future[tuple[int, int, BlockPart | torch.Tensor]]] = deque()
-        for item in blocks:
-            pending.append(pool.submit(reduce, *item))
-            while len(pending) > workers:
-                collect(pending.popleft().result())
-        while pending:
-            collect(pending.popleft().result())
-    return moments, screens
-
-
-class _Ticker:
-    """Progress of one stage: ``progress(done, total, "stage: label")``."""
-
-    def __init__(self, progress: ProgressFn | None, stage: str, total: int) -> None:
-        self.progress, self.stage, self.total = progress, stage, total
-
-    def __call__(self, done: int, label: str) -> None:
-        if self.progress is not None:
-            self.progress(done, self.total, f"{self.stage}: {label}")
+) -> tuple[list[torch.Tensor], dict[str, ModuleScreen], float]:
+    """The streaming pass (:func:`lineage.stream.engine.reduce_blocks`): moment sums per job, screens by role,
+    seconds spent hashing the files in it."""
+    res = reduce_blocks(ca, cb, jobs, block_elems=opts.block_elems, prefetch=opts.prefetch, workers=opts.workers,
+                        screen=opts.screen, elementwise=opts.canon_mode == "never", device=device, progress=progress,
+                        hash_files=opts.hash_files)
+    return res.moments, res.screens, res.hash_seconds
 
 
 def _summary(ckpt: Checkpoint, roles: RoleMap) -> ModelSummary:
@@ -347,7 +208,7 @@ def _compare_open(
         log.warning("no tensors could be paired between %s and %s", ca.ref, cb.ref)
     t_open = time.perf_counter()
     c_open = time.process_time()
-    moments, screens = _reduce_blocks(ca, cb, jobs, opts, device, progress)
+    moments, screens, hash_s = _reduce_blocks(ca, cb, jobs, opts, device, progress)
     t_stream = time.perf_counter()
     c_stream = time.process_time()
     rows_out, evidence = _elementwise_rows(ca, cb, ra, rb, jobs, moments, rows_out, findings)
@@ -374,7 +235,7 @@ def _compare_open(
         canon_gate=gate,
         timing={"open_s": t_open - t0, "stream_s": t_stream - t_open, "analysis_s": t_end - t_stream,
                 **_stage_times(t_stream, c_open, c_stream, t_canon, c_canon, t_end, c_end),
-                "total_s": t_end - t0},
+                "total_s": t_end - t0, "hash_s": hash_s},
     )
 
 

@@ -6,10 +6,11 @@ comparison read (weights, config, tokenizer), the tool and library versions, the
 seeds, and the method text.  ``lineage verify REPORT.json`` re-hashes the files and re-runs the
 comparison (:mod:`lineage.verify`).
 
-Hashing is a sequential pass over each file on a background thread while the comparison runs
-(:func:`lineage.verify.compare_recorded`; both read the same files and the page cache shares the
-reads), not yet inside the comparison's own read pass; its duration is recorded in
-``Provenance.hash_seconds`` and the way it ran in ``Provenance.hash_pass``.  BLAKE3 is used (multi-threaded, memory
+Weight files are hashed inside the comparison's own read pass (:mod:`lineage.io.hashing`: the
+streaming pass reads each file in order and the hash takes the same buffers); side files and any
+file the pass did not hash are hashed after it (:func:`hash_inputs` with ``known`` digests).  The
+seconds spent hashing are recorded in ``Provenance.hash_seconds`` and the way it ran in
+``Provenance.hash_pass``.  BLAKE3 is used (multi-threaded, memory
 mapped): no Hub hash has to be matched for a local file.  Remote files (Hub, URLs) are listed
 with ``algorithm = "remote"`` and no digest: their identity is the Hub's (repo id, commit and
 LFS SHA-256, recorded by :mod:`lineage.io.hub`).
@@ -37,6 +38,8 @@ SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokeniz
 HASH_PASS_CONCURRENT = ("sequential pass per file on a background thread, concurrent with the comparison "
                         "(the page cache shares the reads)")
 HASH_PASS_AFTER = "separate sequential pass after the comparison"
+HASH_PASS_IN_READ = ("weights hashed from the comparison's own read pass (one read of each file); "
+                     "side files (config, tokenizer) after it")
 #: Fixed seeds of the randomised steps (probe frames, permutation nulls, randomised SVDs).
 SEEDS: Mapping[str, int] = {"canon.frame": 0, "canon.permutation_null": 0, "randomized_svd": 0,
                             "lowrank": 0, "merge.fit": 0}
@@ -119,18 +122,39 @@ def local_files(ref: str) -> list[Path]:
     return sorted(dict.fromkeys(files))
 
 
-def hash_inputs(inputs: Mapping[str, str]) -> tuple[tuple[FileRecord, ...], float]:
-    """Records of every file of every input (``side -> ref``) and the seconds the hashing took."""
+def hash_inputs(inputs: Mapping[str, str],
+                known: Mapping[str, tuple[int, str]] | None = None) -> tuple[tuple[FileRecord, ...], float]:
+    """Records of every file of every input (``side -> ref``) and the seconds the hashing took.
+
+    ``known``: ``resolved path -> (size, BLAKE3 digest)`` of files already hashed during the comparison's
+    read pass (:func:`known_digests`); they are not read again when their size still matches.
+    """
     t0 = time.perf_counter()
     out: list[FileRecord] = []
+    known = known or {}
     for side, ref in inputs.items():
         files = local_files(ref)
         if not files:
             out.append(FileRecord(side, ref, 0, "remote", None))
             continue
         for f in files:
-            out.append(FileRecord(side, str(f.resolve()), f.stat().st_size, ALGORITHM, hash_file(f)))
+            path, size = str(f.resolve()), f.stat().st_size
+            hit = known.get(path)
+            digest = hit[1] if hit is not None and hit[0] == size else hash_file(f)
+            out.append(FileRecord(side, path, size, ALGORITHM, digest))
     return tuple(out), time.perf_counter() - t0
+
+
+def known_digests(file_lists: Iterable[Iterable[Any]]) -> dict[str, tuple[int, str]]:
+    """``resolved path -> (size, digest)`` from reports' per-file integrity records that carry a BLAKE3
+    digest computed in the read pass (:class:`lineage.io.provenance.FileIntegrity`)."""
+    out: dict[str, tuple[int, str]] = {}
+    for files in file_lists:
+        for f in files:
+            digest = getattr(f, "blake3", None)
+            if digest:
+                out[str(Path(f.file).resolve())] = (int(f.size), str(digest))
+    return out
 
 
 def tool_version() -> str:
@@ -152,14 +176,14 @@ def _environment() -> dict[str, str]:
 
 def collect(command: str, inputs: Mapping[str, str], options: Mapping[str, Any], method: str,
             extra: Mapping[str, Any] | None = None,
-            hashed: tuple[tuple[FileRecord, ...], float] | None = None) -> Provenance:
+            hashed: tuple[tuple[FileRecord, ...], float] | None = None, how: str | None = None) -> Provenance:
     """Record hashes, versions, options, seeds and method text for one report.
 
     ``hashed``: the result of :func:`hash_inputs` when it already ran (concurrently with the
-    comparison); otherwise the inputs are hashed now, after it.
+    comparison, or from its read pass: say which in ``how``); otherwise the inputs are hashed now, after it.
     """
     files, secs = hashed if hashed is not None else hash_inputs(inputs)
-    how = HASH_PASS_CONCURRENT if hashed is not None else HASH_PASS_AFTER
+    how = how or (HASH_PASS_CONCURRENT if hashed is not None else HASH_PASS_AFTER)
     size = sum(f.size for f in files)
     log.info("provenance: hashed %d files (%d bytes) in %.2f s", len(files), size, secs)
     return Provenance(

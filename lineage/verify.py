@@ -56,28 +56,26 @@ class RunSpec:
 
 def compare_recorded(spec: RunSpec, *, progress: ProgressFn | None = None, hash_files: bool = True) -> Report:
     """Run the comparison ``spec`` describes and attach its provenance."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from lineage import provenance
-    from lineage.compare import CompareOptions, compare
 
-    # the inputs are hashed on a background thread while the comparison runs (BLAKE3 releases the
-    # GIL; both read the same files, which the page cache shares): the hash costs little wall time
-    with ThreadPoolExecutor(1, thread_name_prefix="lineage-hash") as pool:
-        hashed = pool.submit(provenance.hash_inputs, spec.inputs()) if hash_files else None
-        report = _compare_all(spec, progress)
-        if hashed is not None:
-            prov = provenance.collect("compare", spec.inputs(), dataclasses.asdict(spec), report.verdict.null,
-                                      hashed=hashed.result())
-            report = dataclasses.replace(report, provenance=prov)
+    # weights are hashed inside the comparison's own read pass (lineage.io.hashing); side files after it
+    report = _compare_all(spec, progress, hash_files=hash_files)
+    if hash_files:
+        known = provenance.known_digests([report.a.files, report.b.files])
+        files, secs = provenance.hash_inputs(spec.inputs(), known=known)
+        in_pass = float((report.timing or {}).get("hash_s", 0.0) or 0.0)
+        prov = provenance.collect("compare", spec.inputs(), dataclasses.asdict(spec), report.verdict.null,
+                                  hashed=(files, secs + in_pass),
+                                  how=provenance.HASH_PASS_IN_READ if known else provenance.HASH_PASS_AFTER)
+        report = dataclasses.replace(report, provenance=prov)
     return report
 
 
-def _compare_all(spec: RunSpec, progress: ProgressFn | None) -> Report:
+def _compare_all(spec: RunSpec, progress: ProgressFn | None, *, hash_files: bool = False) -> Report:
     from lineage.compare import CompareOptions, compare
 
     report = compare(spec.a, spec.b, options=CompareOptions(device=spec.device, canonicalise=spec.canonicalise,
-                                                             canon=spec.canon),
+                                                             canon=spec.canon, hash_files=hash_files),
                      progress=progress)
     if spec.adapter is not None:
         from lineage.adaptercheck import check_adapter

@@ -27,6 +27,7 @@ from lineage.io.provenance import FileIntegrity, HubProvenance
 from lineage.io.safejson import load_json_file
 from lineage.io.safetensors import SafetensorsEntry, header_length, parse_header
 from lineage.io.selection import note_skipped, select_safetensors
+from lineage.io.hashing import HashingSource
 from lineage.io.sources import ByteSource, LocalFileSource
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ def open_local_safetensors(ref: str) -> Checkpoint | None:
             files = [path / n for n in chosen]
     else:
         return None
-    sources: list[ByteSource] = [LocalFileSource(f) for f in files]
+    sources: list[ByteSource] = [HashingSource(LocalFileSource(f)) for f in files]
     ckpt = open_safetensors_sources(ref, sources)
     note_skipped(ckpt, skipped, ref)
     ckpt.config = load_config(folder)

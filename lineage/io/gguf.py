@@ -36,6 +36,7 @@ import torch
 
 from lineage.errors import CheckpointError, HeaderError, ShardError, UnsupportedFormatError
 from lineage.io.checkpoint import Checkpoint, TensorMeta
+from lineage.io.hashing import HashingSource
 from lineage.io.sources import ByteSource, LocalFileSource
 
 log = logging.getLogger(__name__)
@@ -446,7 +447,7 @@ def open_local_gguf(ref: str) -> Checkpoint | None:
     sources: list[ByteSource] = []
     try:
         for n in names:
-            sources.append(LocalFileSource(p.parent / n))
+            sources.append(HashingSource(LocalFileSource(p.parent / n)))
         return open_gguf_sources(ref, sources)
     except Exception:
         for s in sources:

@@ -32,6 +32,9 @@ class FileIntegrity:
     expected_sha256: str | None = None
     #: Bytes that went through the hash (== ``size`` when verified).
     bytes_hashed: int = 0
+    #: BLAKE3 hex digest of the whole file when it was hashed during the comparison's read pass
+    #: (:mod:`lineage.io.hashing`); the same digest :func:`lineage.provenance.hash_file` gives.
+    blake3: str | None = None
 
     @property
     def verified(self) -> bool:

@@ -37,8 +37,9 @@ import torch
 from lineage.signals.floatgrid import half_ulp
 from lineage.signals.lowrank import LowRank
 from lineage.signals.pairstats import PairStats
-from lineage.signals.quantgrid import QuantGrid, detect_grid_sampled
-from lineage.stream.moments import BlockMoments, block_moments, block_reduce, merge_moments
+from lineage.signals.quantgrid import QuantGrid
+from lineage.stream.lattice import detect_both
+from lineage.stream.moments import STREAM_CHUNK, BlockMoments, block_moments, block_reduce, merge_moments
 
 _FINER = {"bf16": 0, "fp16": 1, "fp32": 2}
 
@@ -192,14 +193,49 @@ def _block_grid(x: torch.Tensor) -> str:
 
 
 def _within(other: torch.Tensor, child: torch.Tensor, grid: str) -> bool:
-    """Is every ``|child − other|`` within half an ulp of ``child``'s grid (a row sample first)?"""
-    step = max(1, child.shape[0] // 64) if child.dim() == 2 else 1
-    if step > 1:
+    """Is every ``|child − other|`` within half an ulp of ``child``'s grid (a few rows first, then all)?"""
+    if child.dim() == 2 and child.shape[0] > 8:
+        step = child.shape[0] // 4
         c = child[::step].float()
         if not bool(((c - other[::step].float()).abs() <= half_ulp(c, grid) * (1 + 1e-6)).all()):
             return False
     c = child.float()
     return bool(((c - other.float()).abs() <= half_ulp(c, grid) * (1 + 1e-6)).all())
+
+
+class _SketchRows:
+    """Sketch statistics of every ``stride``-th row of a block's delta, fed chunk by chunk.
+
+    :func:`lineage.stream.moments.block_reduce` hands each float32 chunk of ``Δ = y − x`` (whole rows)
+    to :meth:`__call__`; the rows whose module row index is a multiple of ``stride`` enter ``Y = Δ_S Ω``,
+    their row and column energies and ``Σ d⁴``.  Unchanged chunks are never handed over (they add zero).
+    """
+
+    def __init__(self, r0: int, stride: int, omega: torch.Tensor) -> None:
+        self.r0, self.stride, self.omega = r0, stride, omega
+        self.ys: list[torch.Tensor] = []
+        self.row4 = torch.zeros((), dtype=torch.float64, device=omega.device)
+        self.d4 = torch.zeros((), dtype=torch.float64, device=omega.device)
+        self.col_sq: torch.Tensor | None = None
+
+    def __call__(self, row0: int, d: torch.Tensor) -> None:
+        sel = d[(-(self.r0 + row0)) % self.stride :: self.stride]
+        if sel.shape[0] == 0:
+            return
+        self.ys.append(sel @ self.omega)
+        d2 = sel * sel
+        rs = d2.sum(1, dtype=torch.float64)
+        self.row4 += torch.dot(rs, rs)
+        self.d4 += torch.dot(d2.view(-1), d2.view(-1)).double()
+        cs = d2.sum(0, dtype=torch.float64)
+        self.col_sq = cs if self.col_sq is None else self.col_sq.add_(cs)
+
+    def result(self) -> tuple[torch.Tensor | None, float, float, torch.Tensor | None]:
+        """``(YᵀY in float64 on the CPU, Σ_i ρ_i², Σ d⁴, column energies)``; None when no row was fed."""
+        if not self.ys:
+            return None, 0.0, 0.0, None
+        y = torch.cat(self.ys).double()
+        return (y.T @ y).cpu(), float(self.row4), float(self.d4), self.col_sq.cpu()  # type: ignore[union-attr]
 
 
 class ScreenBuilder:
@@ -233,10 +269,16 @@ class ScreenBuilder:
 
     # -- worker side
     def part(self, r0: int, xa: torch.Tensor, xb: torch.Tensor) -> BlockPart:
-        """Reduce the block of rows ``[r0, r0 + len)`` (storage dtypes, any device)."""
-        mom, changed, max_abs = block_reduce(xa, xb)
+        """Reduce the block of rows ``[r0, r0 + len)`` (storage dtypes, any device).
+
+        One pass: the moments' float32 chunks of ``Δ`` feed the sketch (:class:`_SketchRows`); the
+        lattice samples are gathered from the stored block, and the re-encoding test reads a few rows first.
+        """
+        sketch = _SketchRows(r0, self.cfg.sketch_stride, _omega(self.n, self.cfg.sketch_k, self.cfg.seed, xa.device)) \
+            if self.screened else None
+        mom, changed, max_abs = block_reduce(xa, xb, STREAM_CHUNK, rows_hook=sketch)
         rows = xa.shape[0] if xa.dim() == 2 else 1
-        if not self.screened:
+        if not self.screened or sketch is None:
             return BlockPart(r0, rows, mom, changed, max_abs, (None, None), (None, None))
         ga, gb = _block_grid(xa), _block_grid(xb)
         sel = (self.row_idx[(self.row_idx >= r0) & (self.row_idx < r0 + rows)] - r0).to(xa.device)
@@ -245,14 +287,8 @@ class ScreenBuilder:
         if changed == 0:
             return BlockPart(r0, rows, mom, 0, 0.0, (ga, gb), (True, True), None, 0.0, 0.0, None, *samples)
         within = (_within(xb, xa, ga), _within(xa, xb, gb))
-        st = self.cfg.sketch_stride
-        ds = xb[(-r0) % st :: st].float() - xa[(-r0) % st :: st].float()
-        y = ds @ _omega(self.n, self.cfg.sketch_k, self.cfg.seed, ds.device)
-        gram = (y.T.double() @ y.double()).cpu()
-        d2 = ds * ds
-        row_sq = d2.sum(1, dtype=torch.float64)
-        return BlockPart(r0, rows, mom, changed, max_abs, (ga, gb), within, gram, float((row_sq * row_sq).sum()),
-                         float((d2.double() ** 2).sum()), d2.sum(0, dtype=torch.float64).cpu(), *samples)
+        gram, row4, d4, col_sq = sketch.result()
+        return BlockPart(r0, rows, mom, changed, max_abs, (ga, gb), within, gram, row4, d4, col_sq, *samples)
 
     # -- in-order side
     def add(self, p: BlockPart) -> None:
@@ -297,12 +333,11 @@ class ScreenBuilder:
         if rows[0] is not None and rows[1] is not None:
             for i in range(2):
                 if grids[i] is not None:
-                    hs = half_ulp(rows[i], grids[i]).double()
+                    hs = half_ulp(rows[i][:: max(1, rows[i].shape[0] // 16)], grids[i]).double()  # 16 rows
                     rvar[i] = float((hs * hs).mean()) * 4.0 / 12.0
-            quant[1] = detect_grid_sampled(rows[1], rows[0], cols[1], cols[0], shape=(self.m, self.n),
-                                           float_grid_name=grids[1], max_rows=self.cfg.sample_rows, probe_rows=2)
-            quant[0] = detect_grid_sampled(rows[0], rows[1], cols[0], cols[1], shape=(self.m, self.n),
-                                           float_grid_name=grids[0], max_rows=self.cfg.sample_rows, probe_rows=2)
+            qa, qb = detect_both((rows[0], rows[1]), (cols[0], cols[1]), (grids[0], grids[1]), (self.m, self.n),
+                                 self.cfg.sample_rows)
+            quant = [qa, qb]
         f4 = f4n = None
         if self._gram is not None and self._col_sq is not None:
             k = self._gram.shape[0]
