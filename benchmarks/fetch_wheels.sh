@@ -11,6 +11,6 @@ mkdir -p benchmarks/wheels
 # the runtime dependencies (torch comes with the GPU machine) and pytest for the agreement test
 $PIP download -q -d benchmarks/wheels --only-binary=:all: --python-version "$PYV" \
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-    "numpy>=1.24" "scipy>=1.10" "safetensors>=0.4" "click>=8.1" "huggingface-hub>=0.23" "gguf>=0.10" \
+    "numpy>=1.24" "scipy>=1.10" "safetensors>=0.4" "click>=8.1" "huggingface-hub>=0.23" "gguf>=0.10" "numba>=0.59" \
     "pytest>=7" "jsonschema>=4" setuptools wheel
 ls benchmarks/wheels | wc -l

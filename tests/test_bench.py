@@ -28,7 +28,7 @@ def test_every_kernel_measured_against_limits(tiny_size: str) -> None:
     assert lim.copy_bytes_per_s > 1e8 and lim.matmul_flops_per_s > 1e8
     assert {r.kernel for r in report.results} == set(kernels)
     variants = {r.variant for r in report.results if r.kernel == "moments"}
-    assert {"bfloat16", "float8_e4m3fn", "int8_row", "Q8_0", "Q4_K"} <= variants
+    assert {"bfloat16", "float8_e4m3fn", "float8_e5m2", "int8_row", "int8_col", "Q8_0", "Q4_K"} <= variants
     for r in report.results:
         assert r.skipped is None and r.wall_s > 0 and r.bytes_read > 0
         assert r.fraction == pytest.approx(
@@ -43,7 +43,7 @@ def test_cli_json_and_html(tiny_size: str, tmp_path: Path) -> None:
     doc = json.loads(res.stdout)
     assert doc["schema"] == SCHEMA and doc["tool"]["version"]
     assert doc["config"]["quick"] and doc["config"]["sizes"] == [tiny_size]
-    assert len(doc["results"]) == 7 and all(r["memcpy_ratio"] > 0 for r in doc["results"])
+    assert len(doc["results"]) == 9 and all(r["memcpy_ratio"] > 0 for r in doc["results"])
     text = page.read_text()
     assert text.count("<svg") == 1 and "roofline" in text and "http" not in text.split("<svg")[0]
 

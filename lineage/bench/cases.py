@@ -28,7 +28,8 @@ MODELS: dict[str, tuple[int, int, int, int, int]] = {
     "8B": (4096, 53248, 14336, 32, 32),
     "70B": (8192, 104448, 28672, 64, 80),
 }
-MOMENT_FORMATS = ("bfloat16", "float16", "float32", "float8_e4m3fn", "int8_row", "Q8_0", "Q4_K")
+MOMENT_FORMATS = ("bfloat16", "float16", "float32", "float8_e4m3fn", "float8_e5m2", "int8_row", "int8_col",
+                  "Q8_0", "Q4_K")
 KERNELS = ("moments", "project", "gram", "lattice", "svdvals", "eigh", "balance", "model")
 SKETCH_K = 64
 GRAM_ROWS = 1024
@@ -78,9 +79,10 @@ def stored_operand(fmt: str, shape: tuple[int, int], device: torch.device, seed:
         raw[:, :4 if fmt == "Q4_K" else 2] = torch.full((nblk, 2 if fmt == "Q4_K" else 1), 0.01,
                                                        dtype=torch.float16).view(torch.uint8)
         return Stored.gguf(raw.reshape(-1).to(device), fmt, shape)
-    if fmt == "int8_row":
+    if fmt in ("int8_row", "int8_col"):
+        axis = 0 if fmt == "int8_row" else 1
         q = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).to(device)
-        return Stored.int8(q, torch.rand(rows, generator=g).to(device) * 0.01, 0)
+        return Stored.int8(q, torch.rand(shape[axis], generator=g).to(device) * 0.01, axis)
     return Stored.dense(_dense(shape, getattr(torch, fmt), device, seed))
 
 
