@@ -17,6 +17,7 @@ where the package directory is writable) and reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -50,7 +51,19 @@ def available() -> bool:
     """Whether the fused kernel can run: numba importable and not switched off by ``LINEAGE_CPU_KERNEL=torch``."""
     if os.environ.get("LINEAGE_CPU_KERNEL", "").lower() == "torch":
         return False
-    return importlib.util.find_spec("numba") is not None
+    return _numba_works()
+
+
+@functools.cache
+def _numba_works() -> bool:
+    if importlib.util.find_spec("numba") is None:
+        return False
+    try:  # an installed numba can still fail to import (a numpy it does not support)
+        import numba  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the environment
+        log.warning("numba does not import (%s): CPU pair moments take the slower torch path", e)
+        return False
+    return True
 
 
 def _decoders_digest() -> str:
