@@ -6,15 +6,20 @@ For two equally shaped tensors ``a`` and ``b`` the kernel returns, in float64::
 
 Sums add across blocks, so a tensor streamed in row blocks gives the same result
 as the whole tensor.  ``pair_moments_reference`` is the obvious float64
-implementation; ``pair_moments`` converts cache-sized chunks to float32 and
-accumulates each chunk's dot products in float64, which keeps the relative error
-near 1e-7 while running at memory speed.  Both accept any floating dtype and any
-device (the fast path runs on the tensors' device).
+implementation; ``pair_moments`` runs the fused CPU kernel of
+:mod:`lineage_kernels.cpu_moments` for CPU tensors it reads (float32, float16,
+bfloat16, float8: one read of each byte, float32 sums over 4096 values added in
+float64), otherwise converts cache-sized chunks to float32 with torch and accumulates
+each chunk's dot products in float64; either keeps the relative error near 1e-7.
+Both accept any floating dtype and any device (the fast path runs on the tensors'
+device).
 """
 
 from __future__ import annotations
 
 import torch
+
+from lineage_kernels.cpu_moments import dense_moments
 
 #: Names of the seven entries returned by the moment kernels, in order.
 MOMENT_FIELDS: tuple[str, ...] = ("n", "sum_a", "sum_b", "sum_aa", "sum_bb", "sum_ab", "sum_dd")
@@ -52,8 +57,21 @@ def pair_moments(
 ) -> torch.Tensor:
     """Fast moment sums (same contract as :func:`pair_moments_reference`).
 
-    The result is a float64 CPU tensor of length 7.
+    The result is a float64 CPU tensor of length 7.  CPU tensors of the dtypes the fused
+    kernel reads take it (``chunk_elems`` does not apply there); others the torch path.
     """
+    _check(a, b)
+    if a.device.type == "cpu" and b.device.type == "cpu":
+        fused = dense_moments(a, b)
+        if fused is not None:
+            return fused
+    return pair_moments_torch(a, b, chunk_elems)
+
+
+def pair_moments_torch(
+    a: torch.Tensor, b: torch.Tensor, chunk_elems: int = CHUNK_ELEMS
+) -> torch.Tensor:
+    """:func:`pair_moments` through torch ops on float32 chunks (any device, any floating dtype)."""
     _check(a, b)
     x = a.detach().reshape(-1)
     y = b.detach().reshape(-1)

@@ -7,9 +7,12 @@ formats may differ: a ``bfloat16`` base against a ``Q4_K`` re-upload).
 
 - On CUDA (or with ``backend="triton"``) one Triton kernel reads every byte of both
   operands once, dequantises in registers and accumulates in float32 per lane.
-- On the CPU the values are dequantised one cache-sized chunk at a time to float32
-  and reduced by :func:`lineage_kernels.moments.pair_moments` (float64 across chunks),
-  single-threaded (as compare runs it, one tensor per worker).
+- On the CPU (``backend="auto"`` or ``"numba"``) the fused kernel of
+  :mod:`lineage_kernels.cpu_moments` does the same in one compiled loop per format pair
+  (float32 sums over 4096 values, float64 across), single-threaded (as compare runs
+  it, one tensor per worker).
+- ``backend="torch"`` (and ``"auto"`` where numba is missing) dequantises one
+  cache-sized chunk at a time to float32 and reduces it with torch ops.
 
 ``pair_moments_stored_reference`` dequantises both operands whole to float64 on the
 CPU and sums there.  ``triton_available()`` says whether the Triton path can run.
@@ -21,11 +24,12 @@ import importlib.util
 
 import torch
 
-from lineage_kernels.moments import CHUNK_ELEMS, pair_moments, pair_moments_reference
+from lineage_kernels import cpu_moments
+from lineage_kernels.moments import CHUNK_ELEMS, pair_moments_reference, pair_moments_torch
 from lineage_kernels.stored import Stored, chunk_bounds, dequantise_range, dequantise_reference
 from lineage_kernels.threads import single_threaded
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 def triton_available() -> bool:
@@ -61,19 +65,26 @@ def pair_moments_stored(a: Stored, b: Stored, *, chunk_elems: int = CHUNK_ELEMS,
         from lineage_kernels.triton_kernels import pair_moments_stored_triton
 
         return pair_moments_stored_triton(a, b)
+    if backend in ("auto", "numba"):
+        fused = cpu_moments.stored_moments(a, b)
+        if fused is not None:
+            return fused
+        if backend == "numba":
+            raise ValueError("backend='numba': numba is not installed, switched off "
+                             "(LINEAGE_CPU_KERNEL=torch) or the operands are not on the CPU")
     with single_threaded(a.device):  # as compare runs it: threads only add spin-waits on shared cores
         return _torch_path(a, b, chunk_elems)
 
 
 def _torch_path(a: Stored, b: Stored, chunk_elems: int) -> torch.Tensor:
     if a.kind == "dense" and b.kind == "dense":
-        return pair_moments(a.data, b.data, chunk_elems)
+        return pair_moments_torch(a.data, b.data, chunk_elems)
     n = a.numel
     step = chunk_bounds(a, chunk_bounds(b, chunk_elems))
     total = torch.zeros(7, dtype=torch.float64)
     for s in range(0, n, step):
         e = min(n, s + step)
-        total += pair_moments(dequantise_range(a, s, e), dequantise_range(b, s, e), chunk_elems)
+        total += pair_moments_torch(dequantise_range(a, s, e), dequantise_range(b, s, e), chunk_elems)
     total[0] = float(n)
     return total
 

@@ -28,6 +28,8 @@ def to_dict(report: BenchReport) -> dict[str, object]:
         "config": dataclasses.asdict(report.config),
         "limits": dataclasses.asdict(report.limits),
         "results": [dataclasses.asdict(r) for r in report.results],
+        "elapsed_s": report.elapsed_s,
+        "interrupted": report.interrupted,
     }
 
 
@@ -44,6 +46,15 @@ def _row(r: CaseResult) -> str:
             f" {_fmt(r.memcpy_cpu_ratio, 1.0, '7.2f')}")
 
 
+def progress_line(r: CaseResult) -> str:
+    """One line for a finished case (the CLI's progress on stderr)."""
+    if r.skipped:
+        return f"bench: {r.kernel} {r.variant} {r.size}: skipped ({r.skipped})"
+    return (f"bench: {r.kernel} {r.variant} {r.size}: {_fmt(r.wall_s, 1e-3, '.2f')} ms, "
+            f"{_fmt(r.bytes_per_s, 1e9, '.2f')} GB/s, {_fmt(r.fraction, 0.01, '.1f')} % of roofline, "
+            f"{_fmt(r.memcpy_ratio, 1.0, '.2f')}x memcpy")
+
+
 def render_text(report: BenchReport) -> str:
     """A table: time, CPU time, GB/s, GFLOP/s, fraction of the roofline, time over a copy of the same bytes
     (wall, and CPU time over the copy's CPU time)."""
@@ -53,6 +64,8 @@ def render_text(report: BenchReport) -> str:
         f"device: {lim.device_name} ({lim.device}, {lim.threads} threads{load})",
         f"limits: copy {lim.copy_bytes_per_s / 1e9:.2f} GB/s (read+write, {lim.copy_bytes >> 20} MiB), "
         f"{lim.matmul_dtype} matmul {lim.matmul_flops_per_s / 1e9:.1f} GFLOP/s (n={lim.matmul_n})",
+        f"run: {report.elapsed_s:.1f} s of a {report.config.budget_s or 0:.0f} s budget"
+        + (" (interrupted: cases after it not run)" if report.interrupted else ""),
         f"{'kernel':<8} {'variant':<14} {'size':>5} {'ms':>10} {'cpu ms':>9} {'GB/s':>8} {'GFLOP/s':>9}"
         f" {'roof':>7} {'/memcpy':>7} {'(cpu)':>7}",
     ]

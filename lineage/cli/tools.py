@@ -6,7 +6,7 @@ import logging
 
 import click
 
-from lineage.cli.options import (OPT_HTML, OPT_JSON, OPT_OUTPUT, check_output, emit, write_html)
+from lineage.cli.options import (OPT_HTML, OPT_JSON, OPT_OUTPUT, check_output, emit, note, write_html, write_output)
 
 log = logging.getLogger("lineage")
 
@@ -35,12 +35,19 @@ def schema(name: str | None, list_: bool) -> int:
 @click.option("--kernel", "kernels", multiple=True, help="Kernel to measure (repeat; default: all).")
 @click.option("--size", "sizes", multiple=True, help="Model size whose layer to use: 1B, 8B, 70B (repeat; default: all).")
 @click.option("--quick", is_flag=True, help="Smallest size (one 1B-model layer) and two repetitions.")
+@click.option("--budget", "budget_s", type=float, default=None,
+              help="Total time budget in seconds (default: 120 on cuda, 1800 on cpu); cases that would "
+                   "exceed it are reported as skipped.")
 @OPT_JSON
 @OPT_OUTPUT
 @OPT_HTML
-def bench(device: str, kernels: tuple[str, ...], sizes: tuple[str, ...], quick: bool, as_json: bool,
-          output: str | None, html_path: str | None) -> int:
-    """Measure the similarity kernels against this machine's copy bandwidth and matmul rate."""
+def bench(device: str, kernels: tuple[str, ...], sizes: tuple[str, ...], quick: bool, budget_s: float | None,
+          as_json: bool, output: str | None, html_path: str | None) -> int:
+    """Measure the similarity kernels against this machine's copy bandwidth and matmul rate.
+
+    One line per case goes to stderr as it finishes; with --json -o FILE the file is rewritten
+    after every case, and SIGTERM or Ctrl-C ends the run with the cases done so far.
+    """
     import json
 
     check_output(html_path)
@@ -54,8 +61,19 @@ def bench(device: str, kernels: tuple[str, ...], sizes: tuple[str, ...], quick: 
         to_dict,
     )
 
-    cfg = BenchConfig(device=device, kernels=kernels or KERNELS, sizes=sizes or None, quick=quick)
-    report = run_bench(cfg, on_case=lambda r: log.info("%s %s %s done", r.kernel, r.variant, r.size))
+    from lineage.bench.report import progress_line
+    from lineage.bench.run import sigterm_interrupts
+
+    def on_progress(partial: object) -> None:
+        click.echo(progress_line(partial.results[-1]), err=True)  # type: ignore[attr-defined]
+        if as_json and output:
+            write_output(output, json.dumps(to_dict(partial), indent=2) + "\n")  # type: ignore[arg-type]
+
+    cfg = BenchConfig(device=device, kernels=kernels or KERNELS, sizes=sizes or None, quick=quick, budget_s=budget_s)
+    with sigterm_interrupts():
+        report = run_bench(cfg, on_progress=on_progress)
+    if report.interrupted:
+        note("interrupted: the report holds the cases done so far")
     if html_path:
         write_html(html_path, render_html(report))
     emit(json.dumps(to_dict(report), indent=2) + "\n" if as_json else render_text(report) + "\n", output)
