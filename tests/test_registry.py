@@ -19,9 +19,10 @@ import torch
 
 from lineage.fingerprint_workflow import fingerprint_model
 from lineage.io.discover import discover
-from lineage.registry import Registry, ingest, query, retrieval_key
+from lineage.registry import KEY_DIM, Registry, ingest, query, retrieval_key
 from lineage.registry.claims import read_claims
 from lineage.registry.search import CandidatePolicy
+from lineage.registry.shortlist import QueryPolicy
 from lineage.engine import LocalEngine
 
 
@@ -36,7 +37,7 @@ def _permuted(fp, seed: int):
 def test_retrieval_key_is_order_free_and_ranks_relatives_first(tiny_models: dict[str, Path]) -> None:
     fps = {n: fingerprint_model(str(tiny_models[n]))[0] for n in ("base", "derived", "bf16", "unrelated")}
     keys = {n: retrieval_key(fp) for n, fp in fps.items()}
-    assert all(k.shape == (384,) and abs(float(np.linalg.norm(k)) - 1) < 1e-5 for k in keys.values())
+    assert all(k.shape == (KEY_DIM,) and abs(float(np.linalg.norm(k)) - 1) < 1e-5 for k in keys.values())
     # storage order of the probe tokens does not matter (entries are indexed by token strings)
     assert np.allclose(retrieval_key(_permuted(fps["base"], 3)), keys["base"], atol=1e-5)
     cos = {n: float(keys["base"] @ keys[n]) for n in keys}
@@ -157,7 +158,7 @@ def test_a_killed_add_resumes_without_loss_or_duplicates(tiny_models: dict[str, 
 def test_query_confirms_a_claimed_base_outside_the_shortlist(claimed_dir: Path, tmp_path: Path) -> None:
     reg = Registry(tmp_path / "r.sqlite")
     ingest(LocalEngine(2), reg, discover([str(claimed_dir)]))
-    res = query(reg, str(claimed_dir / "unrelated"), LocalEngine(1), policy=CandidatePolicy(k=1, k_max=1))
+    res = query(reg, str(claimed_dir / "unrelated"), LocalEngine(1), policy=QueryPolicy(k=1))
     assert len(res.hits) == 1 and res.claim.status == "unverifiable" and not res.related
 
 
@@ -185,3 +186,56 @@ def test_registry_add_an_organisation_over_http(tiny_models: dict[str, Path], tm
     assert any(n == "model.safetensors" and len(h) == 64 for n, _, h in r.files)   # the LFS sha256 the Hub publishes
     assert r.claims == (("acme/base", "card"),)
     assert res.claim.status == "confirmed" and res.claim.claimed_model == "acme/base"
+
+
+def test_group_neighbours_merges_near_identical_keys_only() -> None:
+    from lineage.registry.ann import Neighbour
+    from lineage.registry.shortlist import expansion, group_neighbours
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, KEY_DIM))
+    copies = [a + 0.01 * rng.standard_normal(KEY_DIM) for _ in range(3)]
+    keys = np.stack([copies[0], b, copies[1], a, copies[2]])
+    keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    neigh = [Neighbour(i, 1.0 - 0.1 * i) for i in range(5)]
+    groups = group_neighbours(neigh, keys, 0.95)
+    assert [[n.id for n in g.members] for g in groups] == [[0, 2, 3, 4], [1]]
+    assert [n.id for n in expansion(groups, {0}, 2)] == [2, 3] and expansion(groups, {1}, 9) == []
+
+
+def test_query_reaches_a_parent_crowded_out_by_its_own_copies(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Twelve near-identical copies of the base (as many re-uploads) would fill a k-nearest shortlist; grouped,
+    the base's group is one candidate, its leader is linked, and every member — the base too — is tested."""
+    from lineage.testing.models import TinyConfig, init_weights, save_model
+
+    cfg = TinyConfig(family="llama", vocab=256, hidden=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate=128)
+    base = init_weights(cfg, seed=1)                  # the same weights as tiny_models["base"]
+    root = tmp_path / "m"
+    for s in range(12):
+        g = torch.Generator().manual_seed(100 + s)
+        w = {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in base.items()}
+        save_model(root / f"copy{s:02d}", cfg, w)
+    for n in ("base", "unrelated"):
+        shutil.copytree(tiny_models[n], root / n)
+    reg = Registry(tmp_path / "r.sqlite")
+    ingest(LocalEngine(2), reg, discover([str(root)]))
+    res = query(reg, str(tiny_models["derived"]), LocalEngine(2), policy=QueryPolicy(k=2))
+    related = {h.label for h in res.related}
+    assert related == {"base", *(f"copy{s:02d}" for s in range(12))}, related
+    assert {h.label for h in res.hits} - related == {"unrelated"}   # tested (a group leader), not linked
+    assert res.timing["groups"] == 2 and res.timing["expanded"] == 12 and res.timing["tested"] == 14
+
+
+def test_outdated_keys_are_recomputed_from_the_stored_fingerprints(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from lineage.registry.ann import open_index
+
+    reg = Registry(tmp_path / "r.sqlite")
+    done = ingest(LocalEngine(1), reg, discover([str(tiny_models["base"]), str(tiny_models["unrelated"])]))
+    want = {d.record.id: d.record.key for d in done}
+    reg._conn().execute("UPDATE models SET key = ?, key_version = 0", (np.zeros(8, np.float32).tobytes(),))
+    assert len(reg.outdated_keys()) == 2
+    index = open_index(reg)
+    assert reg.outdated_keys() == [] and len(index) == 2
+    got = reg.by_ids(list(want))
+    assert all(np.allclose(got[i].key, k) for i, k in want.items())
+    assert index.search(want[done[0].record.id], 1)[0].id == done[0].record.id

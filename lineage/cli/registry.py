@@ -57,7 +57,8 @@ def registry_add(sources: tuple[str, ...], db: str | None, engine: str, workers:
 @registry.command("query")
 @click.argument("model")
 @click.option("--db", type=click.Path(dir_okay=False), help="Registry database (default: $LINEAGE_CACHE/registry.sqlite).")
-@click.option("-k", "--candidates", "k", type=int, default=10, show_default=True, help="Candidates to test.")
+@click.option("-k", "--candidates", "k", type=int, default=10, show_default=True,
+              help="Groups of near-identical keys to test (each linked group's other members are tested too).")
 @click.option("--json", "as_json", is_flag=True, help="Write the result (schema lineage.registry.query/1) as JSON.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, writable=True), help="Write a plain HTML page.")
 def registry_query(model: str, db: str | None, k: int, as_json: bool, html_path: str | None) -> int:
@@ -69,14 +70,14 @@ def registry_query(model: str, db: str | None, k: int, as_json: bool, html_path:
     import json
 
     from lineage.engine import get_engine
-    from lineage.registry import CandidatePolicy, Registry, query
+    from lineage.registry import QueryPolicy, Registry, query
     from lineage.registry.query import render_html, render_text
 
     check_output(html_path)
     reg = Registry(db) if db else Registry()
     eng = get_engine("local", 2)
     try:
-        res = query(reg, model, eng, policy=CandidatePolicy(k=k, k_max=k))
+        res = query(reg, model, eng, policy=QueryPolicy(k=k))
     finally:
         eng.close()
     click.echo(json.dumps(res.to_dict(), indent=2, default=str) if as_json else render_text(res), nl=not as_json)

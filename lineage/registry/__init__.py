@@ -13,7 +13,8 @@ from lineage.registry.ingest import Ingested, add, ingest
 from lineage.registry.keys import KEY_DIM, retrieval_key
 from lineage.registry.query import QueryResult, query
 from lineage.registry.search import CandidatePolicy
+from lineage.registry.shortlist import QueryPolicy
 from lineage.registry.store import CacheEntryError, ModelRecord, Registry, default_db_path
 
-__all__ = ["KEY_DIM", "CacheEntryError", "CandidatePolicy", "ClaimCheck", "Ingested", "ModelRecord", "QueryResult",
+__all__ = ["KEY_DIM", "CacheEntryError", "CandidatePolicy", "ClaimCheck", "Ingested", "ModelRecord", "QueryPolicy", "QueryResult",
            "Registry", "add", "default_db_path", "ingest", "query", "retrieval_key"]

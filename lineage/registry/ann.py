@@ -71,6 +71,13 @@ class KeyIndex:
         out = [Neighbour(int(k), 1.0 - float(d)) for k, d in zip(m.keys, m.distances) if int(k) not in skip]
         return out[:count]
 
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """The stored keys of ``ids`` (``len(ids) × KEY_DIM`` float32, at the index's half precision)."""
+        if len(ids) == 0:
+            return np.zeros((0, KEY_DIM), dtype=np.float32)
+        got = self.index.get(np.asarray(ids, dtype=np.uint64))
+        return np.asarray(got, dtype=np.float32).reshape(len(ids), KEY_DIM)
+
     def search_many(self, ids: Sequence[int], keys: np.ndarray, count: int) -> dict[int, list[Neighbour]]:
         """Neighbours of several keys at once (each leaving itself out)."""
         if len(ids) == 0:
@@ -92,10 +99,32 @@ def _paths(reg: Registry) -> tuple[Path, Path]:
     return base, base.with_name(base.name + ".json")
 
 
+def upgrade_keys(reg: Registry) -> int:
+    """Recompute, from the stored fingerprints, the retrieval keys of another key version; returns how many."""
+    old = reg.outdated_keys()
+    if not old:
+        return 0
+    from lineage.fpcompare import fingerprint_from_bytes
+    from lineage.registry.keys import retrieval_key
+    from lineage.registry.store import CacheEntryError
+
+    done = 0
+    for id_, fp_hash in old:
+        try:
+            reg.set_key(id_, retrieval_key(fingerprint_from_bytes(reg.blob(fp_hash))))
+            done += 1
+        except CacheEntryError as e:  # its entry is recomputed when the model is next added
+            log.warning("%s", e)
+    log.info("%s: %d retrieval keys recomputed for key version %d", reg.path, done, KEY_VERSION)
+    return done
+
+
 def open_index(reg: Registry, *, save: bool = True) -> KeyIndex:
-    """The registry's persistent index, brought up to date with the database (saved again when it changed)."""
+    """The registry's persistent index, brought up to date with the database (saved again when it changed);
+    keys of an older key version are recomputed first (:func:`upgrade_keys`)."""
     from usearch.index import Index
 
+    upgrade_keys(reg)
     path, side = _paths(reg)
     idx, rev = None, 0
     if path.is_file() and side.is_file():

@@ -65,6 +65,9 @@ def _lookup(reg: Registry, ref: Reference, refresh: bool) -> tuple[ModelRecord |
 def ingest(engine: object, reg: Registry, entries: Sequence[ModelEntry], *, refresh: bool = False,
            progress: ProgressFn | None = None) -> list[Ingested]:
     """Register ``entries`` (in order); failures are reported per model, never raised."""
+    from lineage.registry.ann import upgrade_keys
+
+    upgrade_keys(reg)  # stored keys of an older key version: recomputed from their fingerprints, not re-read
     out: dict[int, Ingested] = {}
     refs: dict[int, Reference] = {}
     why: dict[int, str | None] = {}

@@ -14,7 +14,8 @@ from typing import Any
 from lineage.errors import ConfigError
 from lineage.registry.ann import open_index
 from lineage.registry.claims import ClaimCheck
-from lineage.registry.search import CandidatePolicy, claim_for, confirm, pair_p, resolve_claim
+from lineage.registry.search import Confirmed, claim_for, confirm, pair_p, resolve_claim
+from lineage.registry.shortlist import QueryPolicy, expansion, group_neighbours
 from lineage.registry.store import ModelRecord, Registry
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 SCHEMA = "lineage.registry.query/1"
 #: Family-wise error rate of a query's links (divided by the number of registered models).
 FAMILY_ALPHA = 1e-3
-#: Candidates a query tests (the ``k`` nearest keys; no similarity expansion, to stay within a second).
-DEFAULT_QUERY_K_MAX = 10
 
 
 @dataclass(frozen=True)
@@ -75,35 +74,48 @@ def _query_record(reg: Registry, model: str, engine: object) -> tuple[ModelRecor
     return got.record, got.cached
 
 
-def query(reg: Registry, model: str, engine: object, *, policy: CandidatePolicy | None = None) -> QueryResult:
-    """Shortlist ``model``'s relatives by the index and confirm each with the fingerprint test."""
-    pol = policy or CandidatePolicy(k_max=DEFAULT_QUERY_K_MAX)
+def query(reg: Registry, model: str, engine: object, *, policy: QueryPolicy | None = None) -> QueryResult:
+    """Shortlist ``model``'s relatives by the index (:mod:`lineage.registry.shortlist`: ``k`` groups of
+    near-duplicate keys, linked groups expanded) and confirm each candidate with the fingerprint test."""
+    pol = policy or QueryPolicy()
     t0 = time.perf_counter()
     rec, _ = _query_record(reg, model, engine)
     t1 = time.perf_counter()
     index = open_index(reg)
     n = max(1, reg.count() - 1)
-    neigh = pol.pick(index.search(rec.key, pol.k_max, exclude=[rec.id]))
-    cands = reg.by_ids([x.id for x in neigh])
-    sim = {x.id: x.similarity for x in neigh}
-    claimed = resolve_claim([c for c, _ in rec.claims], _claim_names(reg, rec))
-    if claimed is not None and claimed.id not in cands and claimed.id != rec.id:
-        cands[claimed.id] = claimed
-    t2 = time.perf_counter()
-    conf = confirm(engine, reg, [(rec.fp_hash, c.fp_hash) for c in cands.values()])
     thr = math.log10(FAMILY_ALPHA / n)
+    neigh = index.search(rec.key, pol.fetch, exclude=[rec.id])
+    groups = group_neighbours(neigh, index.vectors([x.id for x in neigh]), pol.group_cos)[:pol.k]
+    sim = {x.id: x.similarity for x in neigh}
+    leaders = reg.by_ids([g.leader.id for g in groups])
+    claimed = resolve_claim([c for c, _ in rec.claims], _claim_names(reg, rec))
+    if claimed is not None and claimed.id != rec.id:
+        leaders.setdefault(claimed.id, claimed)
+    t2 = time.perf_counter()
+    conf = confirm(engine, reg, [(rec.fp_hash, c.fp_hash) for c in leaders.values()])
+    linked = {i for i, c in leaders.items() if _linked(pair_p(conf, rec.fp_hash, c.fp_hash), thr)}
+    more = reg.by_ids([x.id for x in expansion(groups, linked, pol.max_tests - len(leaders))])
+    cands = {**leaders, **more}
+    if more:
+        more_conf = confirm(engine, reg, [(rec.fp_hash, c.fp_hash) for c in more.values()])
+        conf = Confirmed({**conf.log10_p, **more_conf.log10_p}, conf.cached + more_conf.cached,
+                         conf.tested + more_conf.tested, conf.failed + more_conf.failed)
     hits = []
     for c in cands.values():
         lp = pair_p(conf, rec.fp_hash, c.fp_hash)
         hits.append(QueryHit(c.label, c.ref, c.repo_id, c.revision_sha, sim.get(c.id, float("nan")), lp,
-                             lp is not None and lp <= thr, claimed is not None and c.id == claimed.id))
+                             _linked(lp, thr), claimed is not None and c.id == claimed.id))
     hits.sort(key=lambda h: (h.log10_p if h.log10_p is not None else 1.0, -h.similarity))
     top = next(((h.label, float(h.log10_p)) for h in hits if h.related and h.log10_p is not None), None)
     claim = claim_for(rec.label, rec, claimed, claimed.label if claimed else None, conf, thr, top)
     t3 = time.perf_counter()
     timing = {"fingerprint_s": t1 - t0, "index_s": t2 - t1, "confirm_s": t3 - t2, "query_s": t3 - t1,
-              "tested": conf.tested, "cached": conf.cached}
+              "tested": conf.tested, "cached": conf.cached, "groups": len(groups), "expanded": len(more)}
     return QueryResult(model, str(reg.path), n, FAMILY_ALPHA / n, tuple(hits), claim, timing)
+
+
+def _linked(lp: float | None, thr: float) -> bool:
+    return lp is not None and lp <= thr
 
 
 def _claim_names(reg: Registry, rec: ModelRecord) -> dict[str, ModelRecord]:

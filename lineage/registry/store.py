@@ -195,6 +195,23 @@ class Registry:
                       (old[0], old[0]))
         return int(row[0])
 
+    def outdated_keys(self) -> list[tuple[int, str]]:
+        """``(id, fingerprint hash)`` of the rows whose retrieval key is of another version than :data:`KEY_VERSION`."""
+        rows = self._conn().execute("SELECT id, fp_hash FROM models WHERE key_version != ?", (KEY_VERSION,))
+        return [(int(i), str(h)) for i, h in rows]
+
+    def set_key(self, id_: int, key: np.ndarray) -> None:
+        """Replace a row's retrieval key by one of the current version (its row hash and revision follow)."""
+        kb = np.asarray(key, dtype=np.float32).tobytes()
+        with self._tx() as c:
+            row = c.execute("SELECT ref_key, fp_hash, claims, info, files FROM models WHERE id = ?", (id_,)).fetchone()
+            if row is None:
+                return
+            ref_key, fp_hash, claims_j, info_j, files_j = row
+            rev = int(c.execute("SELECT COALESCE(MAX(rev), 0) FROM models").fetchone()[0]) + 1
+            c.execute("UPDATE models SET key = ?, key_version = ?, row_hash = ?, rev = ? WHERE id = ?",
+                      (kb, KEY_VERSION, _row_hash(ref_key, fp_hash, kb, claims_j, info_j, files_j), rev, id_))
+
     def touch(self, id_: int, ref: str, label: str, origin: str) -> None:
         """Record where a stored model was last seen (not part of its verified content)."""
         with self._tx() as c:
@@ -274,7 +291,8 @@ class Registry:
 
     def keys_since(self, rev: int) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(id, rev, key)`` of the rows written after revision ``rev`` (for the index)."""
-        for id_, r, kb in self._conn().execute("SELECT id, rev, key FROM models WHERE rev > ? ORDER BY rev", (rev,)):
+        q = "SELECT id, rev, key FROM models WHERE rev > ? AND key_version = ? ORDER BY rev"
+        for id_, r, kb in self._conn().execute(q, (rev, KEY_VERSION)):
             yield int(id_), int(r), np.frombuffer(kb, dtype=np.float32)
 
     def count(self) -> int:

@@ -80,7 +80,7 @@ def _adapter_config(ref: str) -> dict[str, object] | None:
 
 def fingerprint_task(ref: str) -> Fingerprinted:
     """Fingerprint one model (reading only its sample), with its retrieval key and claims."""
-    from lineage.fingerprint_workflow import fingerprint_bytes, fingerprint_checkpoint
+    from lineage.fingerprint_workflow import fingerprint_bytes, fingerprint_checkpoint, fingerprint_from_bytes
     from lineage.io.checkpoint import open_checkpoint
 
     t0 = time.perf_counter()
@@ -89,7 +89,9 @@ def fingerprint_task(ref: str) -> Fingerprinted:
         claims = read_claims(ck.config, ck.metadata, _readme(ref, ck), _adapter_config(ref))
     # deterministic bytes: the same model always gives the same blob (content-keyed storage)
     fp = replace(fp, meta={k: v for k, v in fp.meta.items() if k not in ("source", "created")})
-    return Fingerprinted(fingerprint_bytes(fp), retrieval_key(fp), claims, summary.format, summary.family,
+    blob = fingerprint_bytes(fp)
+    # the key of the stored bytes (half-precision sketches), so that it can always be recomputed from them
+    return Fingerprinted(blob, retrieval_key(fingerprint_from_bytes(blob)), claims, summary.format, summary.family,
                          fp.n_layers, summary.hidden, summary.total_bytes, summary.bytes_read, requests,
                          time.perf_counter() - t0)
 
