@@ -104,7 +104,7 @@ def upgrade_keys(reg: Registry) -> int:
     old = reg.outdated_keys()
     if not old:
         return 0
-    from lineage.fpcompare import fingerprint_from_bytes
+    from lineage.fingerprint_workflow import fingerprint_from_bytes
     from lineage.registry.keys import retrieval_key
     from lineage.registry.store import CacheEntryError
 
