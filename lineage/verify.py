@@ -9,7 +9,6 @@ with the recorded options and lists every difference in the verdict and figures.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,8 @@ log = logging.getLogger(__name__)
 #: Largest difference in log10 p (and in any per-layer figure) still counted as "the same".
 LOG10_P_TOLERANCE = 1e-3
 FIGURE_TOLERANCE = 1e-4
+#: Largest report file read back (reports of the largest models are a few MB).
+MAX_REPORT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -154,12 +155,15 @@ def diff_reports(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def load_report(path: str | Path) -> dict[str, Any]:
     """A report's JSON (ConfigError naming the file when it is not one)."""
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    from lineage.errors import LineageError
+    from lineage.io.safejson import load_json_file
+
+    if not Path(path).is_file():
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a JSON report ({e})") from None
+    try:  # bounded: size, nesting depth, integer length (a report is data someone else may have written)
+        d = load_json_file(path, "report", max_bytes=MAX_REPORT_BYTES, expect=None)
+    except LineageError as e:
+        raise ConfigError(f"not a JSON report ({str(e).removeprefix(f'{path}: ')})", path=str(path)) from None
     if not isinstance(d, dict) or d.get("schema") != "lineage.compare/1":
         raise ConfigError(f"{path}: not a lineage compare report (schema lineage.compare/1)")
     return d
