@@ -494,7 +494,7 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
 @cli.command()
 @click.option("-o", "--output", "--out", "out", type=click.Path(file_okay=False), default=None,
               help="Folder to copy the demo models into (default: they stay in the zoo cache, "
-                   "$LINEAGE_CACHE or ~/.cache/lineage).")
+                   "$LINEAGE_CACHE, else $XDG_CACHE_HOME/lineage, else ~/.cache/lineage).")
 @_OPT_JSON
 @click.option("--html", "html_dir", type=click.Path(file_okay=False),
               help="Also write one HTML report per pair into this folder.")
