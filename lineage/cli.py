@@ -56,6 +56,13 @@ def _check_output(path: str | None) -> None:
         raise ConfigError("cannot write here: permission denied", path=path)
 
 
+def _check_device(device: str) -> None:
+    """Fail before any work when ``--device`` cannot be had (``cuda`` without CUDA: exit 2, one line)."""
+    from lineage.device import resolve_device
+
+    resolve_device(device)
+
+
 def _write_output(path: str, text: str) -> None:
     """Write an output file; a failure is a typed error naming it."""
     from lineage.errors import ConfigError
@@ -106,7 +113,8 @@ _OPT_PROGRESS = click.option("--no-progress", is_flag=True, help="No progress ba
 _OPT_COLOUR = click.option("--color/--no-color", "colour", default=None,
                            help="Force colour on (also into a pipe) or off (default: colour on a terminal unless NO_COLOR).")
 _OPT_DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-                           help="Where the heavy arithmetic runs (auto: CUDA when present).")
+                           help="Where the tensor arithmetic runs (auto: CUDA when present; cuda without one is an "
+                                "error). Files are read on the CPU.")
 _OPT_TENSORS = click.option("--tensors/--no-tensors", default=False, show_default=True, help="Also list every tensor.")
 
 
@@ -317,10 +325,11 @@ def inspect(ref: str, as_json: bool, output: str | None, tensors: bool, download
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Fingerprint file to write (.lfp).")
 @_OPT_JSON
+@_OPT_DEVICE
 @_OPT_PROGRESS
 @_revision_option
 @_token_option
-def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revision: str | None = None,
+def fingerprint(model: str, output: str, as_json: bool, device: str, no_progress: bool, revision: str | None = None,
                 token: str | None = None) -> int:
     """Write MODEL's compact, transform-invariant fingerprint (compare it later with `lineage compare`)."""
     import json
@@ -336,7 +345,7 @@ def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revis
 
     bar = _progress(no_progress)
     try:
-        info = write_fingerprint(model, output, progress=bar)
+        info = write_fingerprint(model, output, progress=bar, device=device)
     finally:
         if bar is not None:
             bar.close()
@@ -356,21 +365,24 @@ def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revis
 @click.option("--base", help="The parents' common base (task vectors are taken relative to it).")
 @_OPT_JSON
 @_OPT_OUTPUT
+@_OPT_DEVICE
 @_OPT_PROGRESS
 def merge(child: str, parents: tuple[str, ...], base: str | None, as_json: bool, output: str | None,
-          no_progress: bool) -> int:
+          device: str, no_progress: bool) -> int:
     """Fit CHILD as a merge of PARENTS: per-module mixing weights with their uncertainty."""
     import json
 
     from lineage.mergefit import fit_merge_models
 
-    fit = fit_merge_models(child, list(parents), base)
+    _check_output(output)
+    fit = fit_merge_models(child, list(parents), base, device=device)
     d = fit.to_dict()
     if as_json:
         from lineage.schemas import stamp
 
         d.pop("per_module", None)
-        _emit(json.dumps(stamp("merge", {"child": child, "parents": list(parents), "base": base, **d}), indent=2)
+        _emit(json.dumps(stamp("merge", {"child": child, "parents": list(parents), "base": base, "device": device,
+                                         **d}), indent=2)
               + "\n", output)
         return 0
     lines = [f"child {child}"]
@@ -406,6 +418,7 @@ def tree(models: tuple[str, ...], as_json: bool, output: str | None, html_path: 
 
     _check_output(html_path)
     _check_output(output)
+    _check_device(device)
     bar = _progress(no_progress)
     try:
         result = family_tree(list(models), options=CompareOptions(device=device), progress=bar)
@@ -464,6 +477,7 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
     _check_output(output)
     opts = ScanOptions(engine=engine, workers=workers, address=address, cache_dir=cache_dir, db=db, alpha=alpha,
                        confirm=confirm, refresh=refresh, k=k, k_max=max(k, 32))
+    _check_device(device)
     if device != "cpu":
         os.environ["LINEAGE_DEVICE"] = device  # read by the --confirm comparisons (lineage.scan.confirm_task)
     bar = _progress(no_progress)

@@ -85,7 +85,7 @@ def _compare_all(spec: RunSpec, progress: ProgressFn | None) -> Report:
         from lineage.mergefit import apply_merge, merge_evidence
 
         base = spec.base if spec.base is not None else (None if spec.a in spec.parents else spec.a)
-        report = apply_merge(report, merge_evidence(spec.b, list(spec.parents), base))
+        report = apply_merge(report, merge_evidence(spec.b, list(spec.parents), base, device=spec.device))
     return report
 
 
