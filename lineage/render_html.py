@@ -159,8 +159,8 @@ def _checked(f: object) -> str:
     status, source = getattr(f, "status", None), getattr(f, "digest_source", None)
     if getattr(f, "repo_id", None) is None:
         return "hashed here" if getattr(f, "digest", None) else "not hashed"
-    what = {"verified": "every byte read matched the Hub's SHA-256", "partial": "read in part: Hub SHA-256 recorded",
-            "no-hash": "the Hub publishes no SHA-256", "fetched": "fetched whole, hashed here"}
+    what = {"verified": "all bytes matched the Hub's", "partial": "read in part", "no-hash": "no Hub hash",
+            "fetched": "fetched whole, hashed here"}
     return what.get(str(status), str(status or source or "not hashed"))
 
 
@@ -178,8 +178,9 @@ def _provenance_html(report: Report) -> list[str]:
     out.append("<table><tr><th class='l'>side</th><th class='l'>file</th><th>size (bytes)</th><th class='l'>digest</th>"
                "<th class='l'>checked</th></tr>")
     for f in pv.files:
-        out.append(f"<tr><td class='l'>{e(f.side)}</td><td class='l mono'>{e(f.path)}</td><td>{f.size:,}</td>"
-                   f"<td class='l mono'>{e(f.algorithm)}:{e(f.digest or '(none)')}</td>"
+        wrap = " style='word-break:break-all'"
+        out.append(f"<tr><td class='l'>{e(f.side)}</td><td class='l mono'{wrap}>{e(f.path)}</td><td>{f.size:,}</td>"
+                   f"<td class='l mono'{wrap}>{e(f.algorithm)}:{e(f.digest or '(none)')}</td>"
                    f"<td class='l'>{e(_checked(f))}</td></tr>")
     out.append("</table>")
     opts = "; ".join(f"{k} = {v}" for k, v in pv.options.items())
