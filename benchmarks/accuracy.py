@@ -32,7 +32,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from lineage.testing.zoo import Pair, Zoo, build_zoo  # noqa: E402
+from lineage.testing.zoo import Pair, Zoo  # noqa: E402
+from lineage.testing.zoocache import cached_zoo  # noqa: E402
 
 ALPHA = 1e-3  # the p-value threshold of the issue
 NI = "not implemented"
@@ -595,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    zoo = Zoo(cfg.zoo_dir) if cfg.zoo_dir else build_zoo(cfg.subset)
+    zoo = Zoo(cfg.zoo_dir) if cfg.zoo_dir else cached_zoo(cfg.subset)
     recs = collect_pairs(zoo, cfg)
     print(f"zoo {zoo.root}: {len(recs)} pairs", file=sys.stderr)
     t0 = time.perf_counter()

@@ -27,7 +27,8 @@ from common import write_result  # noqa: E402
 
 from lineage.adaptercheck import check_adapter  # noqa: E402
 from lineage.testing.reencode import reencoded_folder  # noqa: E402
-from lineage.testing.zoo import Zoo, cache_root, zoo_key  # noqa: E402
+from lineage.testing.zoo import Zoo  # noqa: E402
+from lineage.testing.zoocache import zoo_dir  # noqa: E402
 
 log = logging.getLogger("adapter_check")
 
@@ -45,7 +46,7 @@ def encoded(src: str, how: str, scratch: Path) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--zoo", default=str(cache_root() / "zoo" / zoo_key("full")[0]))
+    ap.add_argument("--zoo", default=str(zoo_dir("full")))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     z = Zoo(args.zoo)

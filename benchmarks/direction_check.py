@@ -52,9 +52,9 @@ log = logging.getLogger("direction_check")
 
 def _default_zoo() -> Path:
     """Where the full zoo of the current code is cached (never builds it: fixtures/build_zoo.py does)."""
-    from lineage.testing.zoo import cache_root, zoo_key
+    from lineage.testing.zoocache import zoo_dir
 
-    return cache_root() / "zoo" / zoo_key("full")[0]
+    return zoo_dir("full")
 
 
 DEFAULT_ZOO = _default_zoo()

@@ -28,6 +28,7 @@ from scipy import stats
 from lineage.fingerprint import CONFIG, SKETCH_KINDS, compare_fingerprints, save_fingerprint
 from lineage.fingerprint_workflow import fingerprint_model
 from lineage.testing.zoo import Zoo, build_zoo
+from lineage.testing.zoocache import cached_zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     ap.add_argument("--holdout", action="store_true", help="also the held-out null of benchmarks/holdout_null.py")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    zoo = Zoo(args.zoo) if args.zoo else build_zoo(args.subset)
+    zoo = Zoo(args.zoo) if args.zoo else cached_zoo(args.subset)
     pairs = [p for p in zoo.pairs() if p.relation != "lora_adapter"]
     nulls = [p for p in pairs if p.group == "independent_null"][: args.max_null]
     pairs = [p for p in pairs if p.group != "independent_null"] + nulls

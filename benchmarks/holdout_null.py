@@ -8,7 +8,7 @@ and reports the p-value distribution.  Validity needs P(p <= a) <= a.
     python benchmarks/holdout_null.py [--per-family 10] [--steps 150] [--zoo PATH]
 
 ``--zoo PATH`` takes the tokenizer and text from an already built full zoo instead of calling
-``build_zoo("full")``.  The fingerprint test's held-out null is run by
+``cached_zoo("full")`` (lineage.testing.zoocache).  The fingerprint test's held-out null is run by
 ``benchmarks/fingerprint_accuracy.py --holdout`` over the same cached models.
 """
 
@@ -29,7 +29,7 @@ from lineage.compare import compare
 from lineage.testing.bpe import BPETokenizer
 from lineage.testing.models import TinyConfig, init_weights, save_model
 from lineage.testing.train import Schedule, train
-from lineage.testing.zoo import build_zoo
+from lineage.testing.zoocache import cached_zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cache_dir, write_result  # noqa: E402
@@ -55,7 +55,7 @@ def _configs(vocab: int) -> dict[str, TinyConfig]:
 
 def build(cfg: HoldoutConfig, zoo_root: Path | None = None) -> dict[str, list[Path]]:
     """Train (or reuse from the cache) the held-out models; ``zoo_root`` is a built full zoo (its tokenizer and text)."""
-    data = (Path(zoo_root) if zoo_root is not None else build_zoo("full").root) / "data"
+    data = (Path(zoo_root) if zoo_root is not None else cached_zoo("full").root) / "data"
     tok = BPETokenizer.load(data)
     ids = torch.load(data / "docstrings.pt", weights_only=True)
     out = cache_dir("holdout", f"v{cfg.version}-{cfg.per_family}-{cfg.steps}-{cfg.lr}-{cfg.seed0}")

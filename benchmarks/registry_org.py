@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 from lineage.scan import ScanOptions, scan
-from lineage.testing.zoo import Zoo, build_zoo
+from lineage.testing.zoo import Zoo
+from lineage.testing.zoocache import cached_zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_result  # noqa: E402
@@ -85,7 +86,7 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=1000)
     ap.add_argument("--engines", default="local,dask")
     args = ap.parse_args()
-    zoo = Zoo(args.zoo) if args.zoo else build_zoo("small")
+    zoo = Zoo(args.zoo) if args.zoo else cached_zoo("small")
     out = {"models": args.models, "zoo": str(zoo.root), "runs": []}
     with tempfile.TemporaryDirectory(prefix="lineage-org-") as d:
         tmp = Path(d)

@@ -39,7 +39,8 @@ from lineage.registry import CandidatePolicy, Registry, ingest
 from lineage.registry.ann import KeyIndex, upgrade_keys
 from lineage.registry.shortlist import QueryPolicy, expansion, group_neighbours
 from lineage.registry.search import confirm, pair_p
-from lineage.testing.zoo import Zoo, build_zoo
+from lineage.testing.zoo import Zoo
+from lineage.testing.zoocache import cached_zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cache_dir, write_result  # noqa: E402
@@ -101,7 +102,7 @@ def main() -> None:
     ap.add_argument("--subset", default="full", choices=("small", "full"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    zoo = Zoo(args.zoo) if args.zoo else build_zoo(args.subset)
+    zoo = Zoo(args.zoo) if args.zoo else cached_zoo(args.subset)
     db = cache_dir("registry") / f"{zoo.root.name}.sqlite"
     reg, recs, reg_s = register_zoo(zoo, db)
     ids = sorted(recs)

@@ -55,7 +55,8 @@ from lineage.registry.query import query
 from lineage.registry.shortlist import QueryPolicy, expansion, group_neighbours
 from lineage.registry.tasks import compare_task
 from lineage.registry.store import NewModel
-from lineage.testing.zoo import Zoo, build_zoo
+from lineage.testing.zoo import Zoo
+from lineage.testing.zoocache import cached_zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cache_dir, write_result  # noqa: E402
@@ -302,7 +303,7 @@ def main() -> None:
                     help="index part by brute-force search (no HNSW build: recall ceiling, when CPU is short)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    zoo = Zoo(args.zoo) if args.zoo else build_zoo(args.subset)
+    zoo = Zoo(args.zoo) if args.zoo else cached_zoo(args.subset)
     zreg, recs, _ = register_zoo(zoo, cache_dir("registry") / f"{zoo.root.name}.sqlite")
     sources = []
     for rec in recs.values():

@@ -85,12 +85,10 @@ class CompareOptions:
         return self.canon if self.canonicalise else "never"
 
     def torch_device(self) -> torch.device:
-        """The torch device to compute on (``auto`` picks CUDA when present)."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda requested but no CUDA device is available")
-        return torch.device(self.device)
+        """The torch device to compute on (``auto`` picks CUDA when present; :mod:`lineage.device`)."""
+        from lineage.device import resolve_device
+
+        return resolve_device(self.device)
 
 
 def split_role(role: str) -> tuple[int | None, str]:

@@ -45,6 +45,12 @@ MERGE_CONE_RESIDUAL = 0.45
 #: Largest cosine of the parents' task vectors over the base: the zoo's merged fine-tunes have
 #: 0.41-0.44 (an undertrained base's common drift); a sibling wrongly taken as base 0.64-0.88.
 MERGE_MAX_TASK_COS = 0.6
+#: A cone fit this close is an interpolation of the stored weights whatever the task vectors' cosine:
+#: linear and SLERP merges fit to 1e-7 and 0.01 (small zoo, where fine-tunes of one undertrained base
+#: share task-vector cosines of 0.74-0.80); training leaves an update of its own outside the cone.
+MERGE_EXACT_RESIDUAL = 0.05
+#: Extra cost of an edge from a merge child to the base its parents were fitted over.
+MERGE_BASE_PENALTY = 1.0
 
 
 @dataclass(frozen=True)
@@ -256,21 +262,23 @@ def _compare_link(name_a: str, name_b: str, ref_a: str, ref_b: str, options: Com
 def _merge_candidates(c: str, flag: Mapping[str, set[str]], near: Sequence[str], kids: set[str]
                       ) -> list[tuple[str, str]]:
     """Parent pairs to fit ``c`` to: a ``between`` relative of ``c`` with a near one, and any two near
-    relatives that are ``between`` each other (siblings: an even merge of two siblings looks like
-    their common ancestor's child to the direction evidence, and like their parent to theirs)."""
+    relatives (an even merge of two siblings looks like their common ancestor's child to the direction
+    evidence, and like their parent to theirs; pairwise evidence need not flag it at all)."""
     out = [(p1, p2) for p1 in sorted(flag[c] - kids) for p2 in near]
-    out += [(p1, p2) for p1, p2 in itertools.combinations(sorted(near), 2) if p2 in flag[p1]]
+    out += [(p1, p2) for p1, p2 in itertools.combinations(sorted(near), 2)]
     return list(dict.fromkeys(out))
 
 
 def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Tensor]],
-                 links: Mapping[tuple[str, str], Link], prelim: Tree) -> dict[str, tuple[str, ...]]:
+                 links: Mapping[tuple[str, str], Link], prelim: Tree,
+                 bases_out: dict[str, str] | None = None) -> dict[str, tuple[str, ...]]:
     """Models that interpolate two relatives (merges), starting from the ``between`` links.
 
     Candidates are fitted with :func:`lineage.signals.direction.between` (on the segment, then in
     task-vector space over the parents' common parent in ``prelim``); merges are accepted best
     fit first, and a model accepted as a merge is not used as a parent of a later one (the
     simpler explanation wins: a merge of merges is only found when nothing else fits).
+    ``bases_out`` receives, per merge fitted in task-vector space, the parents' common base it used.
     """
     rel: dict[str, set[str]] = {n: set() for n in names}
     flag: dict[str, set[str]] = {n: set() for n in names}
@@ -291,7 +299,7 @@ def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Te
         lk = links.get((x, y)) or links.get((y, x))
         return lk.distance if lk is not None else float("inf")
 
-    fits: list[tuple[float, str, str, str]] = []
+    fits: list[tuple[float, str, str, str, str | None]] = []
     # a model that one-way evidence (grid, precision, zeros, surgery) makes the child of a relative
     # is explained by that edge, not a merge
     explained = {(lk.b if lk.parent == lk.a else lk.a) for lk in links.values()
@@ -314,28 +322,74 @@ def _find_merges(names: Sequence[str], roles: Mapping[str, Mapping[str, torch.Te
             if bases:
                 # with the parents' common parent in view the merge must hold in task-vector space:
                 # siblings that merely lie near the segment (independent updates of one base) fail here
-                cand = [between(roles[c], roles[p1], roles[p2], base=roles[x]) for x in bases[:2]]
-                cand = [f for f in cand if f.interpolates and max(f.weights) <= MERGE_MAX_WEIGHT
+                fitted = [(between(roles[c], roles[p1], roles[p2], base=roles[x]), x) for x in bases[:2]]
+                cand = [(f, x) for f, x in fitted if f.interpolates and max(f.weights) <= MERGE_MAX_WEIGHT
                         and f.residual < MERGE_CONE_RESIDUAL
-                        and (f.task_cos is None or f.task_cos < MERGE_MAX_TASK_COS)]
+                        and (f.task_cos is None or f.task_cos < MERGE_MAX_TASK_COS
+                             or f.residual < MERGE_EXACT_RESIDUAL)]
                 if not cand:
                     continue
-                bt = min(cand, key=lambda f: f.residual)
+                bt, used = min(cand, key=lambda fx: fx[0].residual)
             else:
-                bt = between(roles[c], roles[p1], roles[p2])
+                bt, used = between(roles[c], roles[p1], roles[p2]), None
                 if not bt.interpolates:
                     continue
             main, other = (p1, p2) if bt.alpha >= 0.5 else (p2, p1)
-            fits.append((bt.residual, c, main, other))
+            fits.append((bt.residual, c, main, other, used))
     out: dict[str, tuple[str, ...]] = {}
     parents_used: set[str] = set()
-    for res, c, main, other in sorted(fits):
+    for res, c, main, other, used in sorted(fits, key=lambda f: f[:4]):
         if c in out or c in parents_used or main in out or other in out:
             continue
         out[c] = (main, other)
+        if used is not None and bases_out is not None:
+            bases_out[c] = used
         parents_used |= {main, other}
         log.info("merge: %s between %s and %s (residual %.3g)", c, main, other, res)
     return out
+
+
+def merge_methods(roles: Mapping[str, Mapping[str, torch.Tensor]], merges: Mapping[str, Sequence[str]],
+                  bases: Mapping[str, str]) -> dict[str, str]:
+    """How each merge child was merged (linear, slerp, ties, …): :func:`lineage.signals.merge.fit_merge` of
+    the child over its parents (over their common base when one was used), kept when the fit explains it."""
+    from lineage.signals.merge import fit_merge
+
+    out = {}
+    for c, ps in merges.items():
+        base = bases.get(c)
+        if c not in roles or any(p not in roles for p in ps):
+            continue
+        try:
+            fit = fit_merge(roles[c], [roles[p] for p in ps], roles[base] if base in roles else None)
+        except (ValueError, RuntimeError) as e:
+            log.debug("merge type of %s not fitted: %s", c, e)
+            continue
+        if fit.explains:
+            out[c] = str(fit.method)
+    return out
+
+
+def find_merges(refs: Mapping[str, str], links: Sequence[Link], prelim: Tree, *, max_bytes: int = 4 << 30
+                ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """Merges among linked models read from ``refs`` (name → reference), for trees built from links that
+    came from elsewhere (``scan --confirm``): ``(merges, methods)``.  Only models in a related pair that
+    could be a merge's are read, all together at most ``max_bytes`` of float32; beyond that nothing is
+    fitted (logged), so the tree keeps what the links say."""
+    related = [lk for lk in links if lk.related]
+    names = sorted({x for lk in related for x in (lk.a, lk.b)} & set(refs))
+    if len(names) < 3:
+        return {}, {}
+    need = sum(_bytes_of(refs[n]) for n in names)
+    if need > max_bytes:
+        log.info("merge detection skipped: the %d linked models need %d MB in memory (limit %d MB)",
+                 len(names), need >> 20, max_bytes >> 20)
+        return {}, {}
+    roles = {n: _load_roles(refs[n])[0] for n in names}
+    by_pair = {(lk.a, lk.b): lk for lk in related}
+    used: dict[str, str] = {}
+    merges = _find_merges(names, roles, by_pair, prelim, used)
+    return merges, merge_methods(roles, merges, used)
 
 
 def _type_edges(tree: Tree, roles: Mapping[str, Mapping[str, torch.Tensor]],
@@ -441,9 +495,13 @@ def family_tree(
     if fo.detect_merges:
         # merges are fitted on the weights as stored: only element-wise links qualify (a disguised
         # model's raw weights are not in its relatives' basis)
-        merges = _find_merges(names, roles, {k: v for k, v in links.items() if k not in reports}, tree)
+        used: dict[str, str] = {}
+        merges = _find_merges(names, roles, {k: v for k, v in links.items() if k not in reports}, tree, used)
         if merges:
-            tree = build_tree(names, links, merges=merges, penalties=penalties)
+            # a merge is not the parent of the base its parents were fitted over
+            penalties.update({(c, x): MERGE_BASE_PENALTY for c, x in used.items()})
+            tree = build_tree(names, links, merges=merges, penalties=penalties,
+                              merge_methods=merge_methods(roles, merges, used))
     if fo.type_edges:
         tree = _type_edges(tree, roles, rms, reports, ref_of, options)
     return FamilyResult(tree, tuple(links.values()), tuple(reports.values()))

@@ -43,12 +43,14 @@ def is_fingerprint(ref: str) -> bool:
     return str(ref).endswith(SUFFIX) and Path(ref).is_file()
 
 
-def fingerprint_checkpoint(ck: Checkpoint, ref: str, progress: ProgressFn | None = None
-                           ) -> tuple[Fingerprint, ModelSummary, int]:
-    """Fingerprint an open checkpoint; returns it with a summary and the number of HTTP range requests."""
+def fingerprint_checkpoint(ck: Checkpoint, ref: str, progress: ProgressFn | None = None, *,
+                           device: str | None = None) -> tuple[Fingerprint, ModelSummary, int]:
+    """Fingerprint an open checkpoint (sketches computed on ``device``: cpu, cuda or auto); returns it
+    with a summary and the number of HTTP range requests."""
     rm = roles_for(ck)
     # CheckpointModel gives the fingerprint row-span access: only the sample is read (see lineage.fingerprint)
-    fp = compute_fingerprint(CheckpointModel(ck, rm), rm.arch, ck.vocab(), progress=progress, source=str(ref))
+    fp = compute_fingerprint(CheckpointModel(ck, rm), rm.arch, ck.vocab(), progress=progress, source=str(ref),
+                             device=device)
     summary = ModelSummary(ck.ref, ck.format, len(ck.tensors), ck.total_bytes, ck.bytes_read,
                            rm.arch.family, rm.arch.n_layers, rm.arch.hidden, hub=ck.provenance,
                            files=ck.file_integrity(), skipped_files=ck.skipped_files)
@@ -80,28 +82,36 @@ def fingerprint_from_bytes(data: bytes) -> Fingerprint:
         return load_fingerprint(p)
 
 
-def _fingerprint(ref: str, progress: ProgressFn | None) -> tuple[Fingerprint, ModelSummary, int]:
+def _fingerprint(ref: str, progress: ProgressFn | None, device: str | None = None
+                 ) -> tuple[Fingerprint, ModelSummary, int]:
     with open_checkpoint(ref) as ck:
-        fp, summary, requests = fingerprint_checkpoint(ck, ref, progress)
+        fp, summary, requests = fingerprint_checkpoint(ck, ref, progress, device=device)
     log.info("fingerprint of %s: read %d of %d bytes (%.2f%%) in %d range requests", ref, summary.bytes_read,
              summary.total_bytes, 100.0 * summary.bytes_read / max(1, summary.total_bytes), requests)
     return fp, summary, requests
 
 
-def fingerprint_model(ref: str, *, progress: ProgressFn | None = None) -> tuple[Fingerprint, ModelSummary]:
+def fingerprint_model(ref: str, *, progress: ProgressFn | None = None, device: str | None = None
+                      ) -> tuple[Fingerprint, ModelSummary]:
     """Compute the fingerprint of a model reference, reading only the sampled rows (a few % of the bytes)."""
-    fp, summary, _ = _fingerprint(ref, progress)
+    fp, summary, _ = _fingerprint(ref, progress, device)
     return fp, summary
 
 
-def write_fingerprint(ref: str, out: str | os.PathLike[str], *, progress: ProgressFn | None = None) -> dict[str, object]:
-    """Fingerprint ``ref`` into ``out``; returns size, bytes read (and HTTP range requests, 0 for local files), timing."""
+def write_fingerprint(ref: str, out: str | os.PathLike[str], *, progress: ProgressFn | None = None,
+                      device: str | None = None) -> dict[str, object]:
+    """Fingerprint ``ref`` into ``out`` (sketches on ``device``: cpu, cuda or auto); returns size, bytes read
+    (and HTTP range requests, 0 for local files), the device used, timing."""
+    from lineage.device import resolve_device
+
     t0 = time.perf_counter()
-    fp, summary, requests = _fingerprint(ref, progress)
+    dev = resolve_device(device)  # before any read: `--device cuda` without CUDA fails at once
+    fp, summary, requests = _fingerprint(ref, progress, dev.type)
     size = save_fingerprint(fp, out)
     return {"model": str(ref), "fingerprint": str(out), "bytes": size, "bytes_read": summary.bytes_read,
             "model_bytes": summary.total_bytes, "read_fraction": summary.bytes_read / max(1, summary.total_bytes),
-            "requests": requests, "layers": fp.n_layers, "probes": fp.m, "seconds": time.perf_counter() - t0}
+            "requests": requests, "layers": fp.n_layers, "probes": fp.m, "device": dev.type,
+            "seconds": time.perf_counter() - t0}
 
 
 def _side(ref: str, progress: ProgressFn | None) -> tuple[Fingerprint, ModelSummary]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lineage.errors import CheckpointError, HeaderError
 from lineage.io.checkpoint import Checkpoint, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -126,26 +127,16 @@ def _gguf_claims(meta: dict[str, Any]) -> list[LineageClaim]:
     return out
 
 
-def _front_matter(text: str) -> dict[str, Any]:
-    m = re.match(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", text, re.S)
-    if not m:
-        return {}
-    try:
-        import yaml
-
-        data = yaml.safe_load(m.group(1))
-        return data if isinstance(data, dict) else {}
-    except Exception as e:  # a broken card is only logged
-        log.warning("ignoring unreadable model card front matter (%s)", e)
-        return {}
-
-
 def _card_claims(card: str | None) -> list[LineageClaim]:
     if not card:
         return []
+    from lineage.io.safeyaml import load_front_matter
+
     try:
-        fm = _front_matter(Path(card).read_text(encoding="utf-8", errors="replace"))
-    except OSError:
+        fm = load_front_matter(card)  # hostile front matter (aliases, nesting, size) is a HeaderError
+    except HeaderError:
+        raise
+    except CheckpointError:
         return []
     base = fm.get("base_model")
     bases = base if isinstance(base, list) else [base] if base else []

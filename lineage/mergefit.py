@@ -20,14 +20,22 @@ log = logging.getLogger(__name__)
 MAX_FIT_BYTES = 4 << 30
 
 
-def _load(ckpt: Checkpoint, rm: RoleMap, roles: list[str]) -> dict[str, torch.Tensor]:
-    return {r: read_role(ckpt, rm.roles[r]) for r in roles}
+def _load(ckpt: Checkpoint, rm: RoleMap, roles: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    return {r: read_role(ckpt, rm.roles[r]).to(device) for r in roles}
 
 
-def fit_merge_models(child: str, parents: Sequence[str], base: str | None = None) -> MergeFit:
-    """Per-module mixing weights of ``child`` over ``parents`` (linear, SLERP, TIES/DARE recognised)."""
+def fit_merge_models(child: str, parents: Sequence[str], base: str | None = None, *,
+                     device: str | None = None) -> MergeFit:
+    """Per-module mixing weights of ``child`` over ``parents`` (linear, SLERP, TIES/DARE recognised).
+
+    ``device`` (cpu, cuda or auto; :mod:`lineage.device`) is where the task vectors and their block
+    Gram matrices are computed; the files are read on the CPU.
+    """
+    from lineage.device import resolve_device
+
     if not parents:
         raise ConfigError("give at least one parent")
+    dev = resolve_device(device)
     refs = [child, *parents] + ([base] if base else [])
     ckpts = [open_checkpoint(r) for r in refs]
     try:
@@ -44,20 +52,21 @@ def fit_merge_models(child: str, parents: Sequence[str], base: str | None = None
         if need > MAX_FIT_BYTES:
             raise ConfigError(f"merge fit needs {need >> 20} MB in memory (limit {MAX_FIT_BYTES >> 20} MB); "
                               "streamed merge fitting is not implemented yet")
-        tensors = [_load(c, m, roles) for c, m in zip(ckpts, maps)]
+        tensors = [_load(c, m, roles, dev) for c, m in zip(ckpts, maps)]
         return fit_merge(tensors[0], tensors[1:1 + len(parents)], tensors[-1] if base else None)
     finally:
         for c in ckpts:
             c.close()
 
 
-def merge_evidence(child: str, parents: Sequence[str], base: str | None = None) -> dict[str, object]:
+def merge_evidence(child: str, parents: Sequence[str], base: str | None = None, *,
+                   device: str | None = None) -> dict[str, object]:
     """The merge fit of ``child`` over ``parents`` as report evidence (``Report.merge``).
 
     Per-module fits are summarised (count, worst residual); the references are kept so the
     report says what was fitted against what.
     """
-    fit = fit_merge_models(child, parents, base)
+    fit = fit_merge_models(child, parents, base, device=device)
     d = fit.to_dict()
     per = d.pop("per_module", {}) or {}
     layers: dict[str, list[list[float]]] = {}

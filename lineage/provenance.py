@@ -12,8 +12,9 @@ file the pass did not hash are hashed after it (:func:`hash_inputs` with ``known
 seconds spent hashing are recorded in ``Provenance.hash_seconds`` and the way it ran in
 ``Provenance.hash_pass``.  BLAKE3 is used (multi-threaded, memory
 mapped): no Hub hash has to be matched for a local file.  Remote files (Hub, URLs) are listed
-with ``algorithm = "remote"`` and no digest: their identity is the Hub's (repo id, commit and
-LFS SHA-256, recorded by :mod:`lineage.io.hub`).
+by repo id, resolved commit and file name with the SHA-256 the Hub publishes for them
+(:func:`remote_records`; the bytes read were checked against it as they streamed,
+:mod:`lineage.io.verify`), and :func:`changed_remote` asks the Hub again at that commit.
 """
 
 from __future__ import annotations
@@ -47,13 +48,26 @@ SEEDS: Mapping[str, int] = {"canon.frame": 0, "canon.permutation_null": 0, "rand
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file read: which model side, where, how big, and its digest."""
+    """One file read: which model side, where, how big, and its digest.
+
+    A local file has a BLAKE3 digest of its bytes.  A Hub file is named by what anyone can look up
+    again (``repo_id``, the resolved ``commit``, its ``file`` name in the repo; ``path`` is
+    ``hf://repo@commit/file``) with a SHA-256: the one the Hub publishes (``digest_source`` "hub",
+    the LFS pointer's) for weight files, else that of the complete copy this run fetched
+    ("fetched copy", small side files such as config.json).  ``status`` says whether the bytes the
+    comparison read were checked against the published hash (see :mod:`lineage.io.provenance`).
+    """
 
     side: str
     path: str
     size: int
     algorithm: str
     digest: str | None
+    repo_id: str | None = None
+    commit: str | None = None
+    file: str | None = None
+    status: str | None = None
+    digest_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +168,99 @@ def known_digests(file_lists: Iterable[Iterable[Any]]) -> dict[str, tuple[int, s
             digest = getattr(f, "blake3", None)
             if digest:
                 out[str(Path(f.file).resolve())] = (int(f.size), str(digest))
+    return out
+
+
+#: Algorithm of Hub files' digests (the Hub publishes SHA-256 for LFS files).
+REMOTE_ALGORITHM = "sha256"
+#: ``FileRecord.digest_source``: the digest is the SHA-256 the Hub publishes for the file.
+HUB_PUBLISHED = "hub"
+#: ``FileRecord.digest_source``: the digest is the SHA-256 of the complete copy this run fetched.
+FETCHED_COPY = "fetched copy"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a local file, read in :data:`HASH_CHUNK` pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remote_records(side: str, hub: Any, files: Sequence[Any]) -> tuple[FileRecord, ...]:
+    """Records of the Hub files one side was read from.
+
+    ``hub`` is the side's :class:`~lineage.io.provenance.HubProvenance` (repo, commit, files opened)
+    and ``files`` its :class:`~lineage.io.provenance.FileIntegrity` records (weight files: the
+    published SHA-256 and whether the bytes read matched it).  Files without a published hash that
+    were fetched whole (config, tokenizer) are hashed from their local copy in the Hub cache.
+    """
+    integrity = {str(f.file): f for f in files}
+    out = []
+    for name in hub.files:
+        path = f"hf://{hub.repo_id}@{hub.commit}/{name}"
+        fi = integrity.get(f"hf://{hub.repo_id}/{name}")
+        if fi is not None:
+            out.append(FileRecord(side, path, int(fi.size), REMOTE_ALGORITHM, fi.expected_sha256, hub.repo_id,
+                                  hub.commit, name, fi.status, HUB_PUBLISHED if fi.expected_sha256 else None))
+            continue
+        copy = _cached_copy(hub, name)
+        digest = sha256_file(copy) if copy is not None else None
+        size = Path(copy).stat().st_size if copy is not None else 0
+        out.append(FileRecord(side, path, size, REMOTE_ALGORITHM, digest, hub.repo_id, hub.commit, name,
+                              "fetched" if digest else None, FETCHED_COPY if digest else None))
+    return tuple(out)
+
+
+def _cached_copy(hub: Any, name: str) -> str | None:
+    """The local copy of a small Hub file in the Hugging Face cache (it was fetched whole), if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from lineage.io.hub import HubOptions
+
+        got = try_to_load_from_cache(hub.repo_id, name, cache_dir=HubOptions.from_env().cache_dir,
+                                     revision=hub.commit)
+    except Exception as e:  # noqa: BLE001 - a missing copy is recorded without a digest
+        log.debug("provenance: no cached copy of %s/%s (%s)", hub.repo_id, name, e)
+        return None
+    return got if isinstance(got, str) and Path(got).is_file() else None
+
+
+def with_remote(files: Sequence[FileRecord], remote: Mapping[str, Sequence[FileRecord]]) -> tuple[FileRecord, ...]:
+    """``files`` with each side's ``remote`` placeholder replaced by that side's Hub file records."""
+    out: list[FileRecord] = []
+    for f in files:
+        if f.algorithm == "remote" and remote.get(f.side):
+            out.extend(remote[f.side])
+        else:
+            out.append(f)
+    return tuple(out)
+
+
+def changed_remote(recorded: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One line per recorded Hub file whose published SHA-256 at the recorded commit differs now (or
+    that is gone); the repository is asked again at that commit (a metadata call, no weights read)."""
+    from lineage.io.hub import HubOptions, HubRef, HubRepo
+
+    want: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for f in recorded:
+        if f.get("digest_source") == HUB_PUBLISHED and f.get("repo_id") and f.get("commit") and f.get("digest"):
+            want.setdefault((str(f["repo_id"]), str(f["commit"])), []).append(f)
+    out = []
+    for (repo_id, commit), recs in want.items():
+        repo = HubRepo(HubRef(repo_id, commit), HubOptions.from_env())
+        for f in recs:
+            name = str(f.get("file"))
+            now = repo.sha256.get(name)
+            if name not in repo.files:
+                out.append(f"{f['path']}: no longer in the repository at commit {commit[:12]}")
+            elif now != f["digest"]:
+                out.append(f"{f['path']}: changed (sha256 {str(f['digest'])[:16]}… recorded, the Hub publishes "
+                           f"{(now or 'none')[:16]}… now)")
     return out
 
 

@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 SCHEMA = "lineage.scan/2"
 #: Family-wise error rate for drawing fingerprint links (divided by the number of pairs).
 FAMILY_ALPHA = 1e-3
+#: Merge type shown for a merge known only from its model card (some of its parents were not scanned).
+CLAIMED_MERGE = "model card claim"
 #: File name of the registry database inside ``--cache-dir``.
 DB_NAME = "registry.sqlite"
 
@@ -229,11 +231,61 @@ def scan(sources: Sequence[str] | Sequence[ModelEntry], options: ScanOptions | N
             timing["confirm_s"] = time.perf_counter() - t2
     finally:
         engine.close()
-    tree = build_tree(labels, [_link(p, alpha) for p in pairs])
+    tree, pairs = _tree(labels, recs, {d.entry.label: d.entry.ref for d in ok}, pairs, alpha, opts.confirm, timing)
     checks = _claims(recs, labels, claimed, conf, thr, pairs, tree)
     timing["total_s"] = time.perf_counter() - t0
     return ScanResult(tuple(models), tuple(pairs), tree, len(cands), alpha, engine.name, timing, checks,
                       conf.tested, str(reg.path))
+
+
+def _tree(labels: Sequence[str], recs: Sequence[ModelRecord], refs: dict[str, str], pairs: list[ScanPair],
+          alpha: float, confirmed: bool, timing: dict[str, float]) -> tuple[Tree, list[ScanPair]]:
+    """The family tree over the links, with merges: fitted on the weights after ``--confirm``
+    (:func:`lineage.family.find_merges`), or claimed by a model card naming several bases of which some
+    were not scanned (drawn from the present parents, the absent ones noted).  A merge child's pairs
+    with its parents are relabelled "merge"."""
+    links = [_link(p, alpha) for p in pairs]
+    tree = build_tree(labels, links)
+    merges: dict[str, tuple[str, ...]] = dict(_claimed_merges(recs, labels, pairs))
+    methods: dict[str, str] = {c: CLAIMED_MERGE for c in merges}
+    if confirmed and pairs:
+        from lineage.family import find_merges
+
+        t0 = time.perf_counter()
+        found, fitted = find_merges(refs, links, tree)
+        merges.update(found)
+        methods.update({c: fitted.get(c, "") for c in found})
+        methods = {c: m for c, m in methods.items() if m}
+        timing["merges_s"] = time.perf_counter() - t0
+    if not merges:
+        return tree, pairs
+    tree = build_tree(labels, links, merges=merges, merge_methods=methods)
+    merge_edges = {(x, e.child) for e in tree.edges if e.relation == "merge" for x in (e.parent, *e.other_parents)}
+    out = []
+    for p in pairs:
+        parent = p.a if (p.a, p.b) in merge_edges else p.b if (p.b, p.a) in merge_edges else None
+        out.append(p if parent is None else ScanPair(p.a, p.b, p.log10_p, p.method, "merge", parent,
+                                                      max(p.confidence, 0.9), p.distance))
+    return tree, out
+
+
+def _claimed_merges(recs: Sequence[ModelRecord], labels: Sequence[str], pairs: Sequence[ScanPair]
+                    ) -> dict[str, tuple[str, ...]]:
+    """Models whose card names two or more bases (the Hub's convention for a merge) of which at least one
+    is linked to it here and at least one was not scanned: label → (present parents, absent names)."""
+    names = name_table(recs, labels)
+    label_of = {id(r): lab for r, lab in zip(recs, labels)}
+    linked = {(p.a, p.b) for p in pairs} | {(p.b, p.a) for p in pairs}
+    out: dict[str, tuple[str, ...]] = {}
+    for r, lab in zip(recs, labels):
+        card = list(dict.fromkeys(c for c, where in r.claims if where == "card"))
+        if len(card) < 2:
+            continue
+        present = [label_of[id(names[c.lower()])] for c in card if c.lower() in names]
+        absent = [c for c in card if c.lower() not in names]
+        if absent and any((lab, x) in linked for x in present):
+            out[lab] = tuple(x for x in present if (lab, x) in linked) + tuple(absent)
+    return out
 
 
 def _scanned(d: Ingested) -> ScannedModel:

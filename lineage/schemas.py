@@ -31,6 +31,8 @@ _TREE = {"type": "object", "required": ["nodes", "roots", "edges"],
          "properties": {"nodes": {"type": "array", "items": {"type": "string"}}, "roots": _ARR,
                         "edges": {"type": "array", "items": _EDGE}, "families": _ARR}}
 
+_DEVICE = {"type": "string", "description": "where the arithmetic ran (--device; auto resolved for fingerprint)"}
+
 #: name → JSON Schema (draft 2020-12).
 SCHEMAS: dict[str, dict[str, Any]] = {
     "compare": COMPARE_SCHEMA,
@@ -47,9 +49,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "fingerprint": _schema("lineage.fingerprint/1", ["model", "output", "bytes"],
                            {"model": {"type": "string"}, "output": {"type": "string"}, "bytes": {"type": "integer"},
                             "bytes_read": {"type": "integer"}, "model_bytes": {"type": "integer"},
-                            "seconds": {"type": "number"}}, "lineage fingerprint --json"),
+                            "seconds": {"type": "number"}, "device": _DEVICE}, "lineage fingerprint --json"),
     "merge": _schema("lineage.merge/1", ["child", "parents"],
-                     {"child": {"type": "string"}, "parents": _ARR, "base": {"type": ["string", "null"]}},
+                     {"child": {"type": "string"}, "parents": _ARR, "base": {"type": ["string", "null"]},
+                      "device": _DEVICE},
                      "lineage merge --json"),
     "verify": _schema("lineage.verify/1", ["report", "same", "changed_files", "differences"],
                       {"report": {"type": "string"}, "same": {"type": "boolean"}, "changed_files": _ARR,

@@ -65,6 +65,10 @@ class Edge:
     directed: bool = True
     #: log10 p-value of the link's relatedness test, when known
     log10_p: float | None = None
+    #: parents of a merge child that are not among the models (named by a claim, e.g. its model card)
+    absent_parents: tuple[str, ...] = ()
+    #: how a merge child was merged (linear, slerp, ties, …) when the merge fit says so
+    merge_method: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -170,19 +174,25 @@ def build_tree(
     root_cost: float | None = None,
     merges: Mapping[str, Sequence[str]] | None = None,
     penalties: Mapping[tuple[str, str], float] | None = None,
+    merge_methods: Mapping[str, str] | None = None,
 ) -> Tree:
     """Family tree of ``names`` from pairwise :class:`Link` evidence.
 
     ``merges`` maps a model found to be a merge (see :func:`lineage.signals.direction.between`)
     to its parents, main parent first: its only candidate parents are then those, and its edge
-    is typed "merge" with the others in ``Edge.other_parents``.  ``penalties`` adds a cost to
+    is typed "merge" with the others in ``Edge.other_parents``.  Parents that are not among
+    ``names`` (a merge claimed by a model card whose other parent was not scanned) go to
+    ``Edge.absent_parents``; the merge hangs from its present parents only, never from a model
+    in between.  ``merge_methods`` names the merge type per child.  ``penalties`` adds a cost to
     single directed edges ``(parent, child)`` (e.g. a chain that a three-model test rejects).
     """
     penalties = dict(penalties or {})
-    merges = {c: tuple(ps) for c, ps in (merges or {}).items()}
     links = list(pairwise.values()) if isinstance(pairwise, Mapping) else list(pairwise)
     names = list(dict.fromkeys(names))
     known = set(names)
+    absent = {c: tuple(p for p in ps if p not in known) for c, ps in (merges or {}).items() if c in known}
+    merges = {c: tuple(p for p in ps if p in known) for c, ps in (merges or {}).items() if c in known}
+    merges = {c: ps for c, ps in merges.items() if ps}  # no parent present: nothing to hang it from
     edges: dict[tuple[str, str], float] = {}
     info: dict[tuple[str, str], Link] = {}
     rel = [lk for lk in links if lk.related and lk.a in known and lk.b in known and lk.a != lk.b]
@@ -228,12 +238,18 @@ def build_tree(
         lk = info[(p, v)]
         if v in merges:
             out_edges.append(Edge(p, v, "merge", lk.distance, max(lk.confidence, 0.9),
-                                  tuple(x for x in merges[v] if x != p), log10_p=lk.log10_p))
+                                  tuple(x for x in merges[v] if x != p), log10_p=lk.log10_p,
+                                  absent_parents=absent.get(v, ()),
+                                  merge_method=(merge_methods or {}).get(v)))
             continue
         sibling = lk.parent is None and (lk.between or lk.relation == SIBLING)
+        # two parents of one merge joined directly: the merge fit took them as co-parents (a model is
+        # not merged with its own parent), so only one-way evidence may make one the other's parent
+        sibling = sibling or (not lk.one_way and any({p, v} <= set(ps) for ps in merges.values()))
         out_edges.append(Edge(p, v, SIBLING if sibling else lk.relation, lk.distance,
-                              lk.confidence if lk.parent == p else 0.0 if lk.parent is None
-                              else -lk.confidence, directed=lk.parent is not None, log10_p=lk.log10_p))
+                              0.0 if sibling or lk.parent is None else lk.confidence if lk.parent == p
+                              else -lk.confidence, directed=lk.parent is not None and not sibling,
+                              log10_p=lk.log10_p))
     fams = []
     for r in roots:
         fam, stack = [], [r]

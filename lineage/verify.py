@@ -9,7 +9,6 @@ with the recorded options and lists every difference in the verdict and figures.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,8 @@ log = logging.getLogger(__name__)
 #: Largest difference in log10 p (and in any per-layer figure) still counted as "the same".
 LOG10_P_TOLERANCE = 1e-3
 FIGURE_TOLERANCE = 1e-4
+#: Largest report file read back (reports of the largest models are a few MB).
+MAX_REPORT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,34 @@ def compare_recorded(spec: RunSpec, *, progress: ProgressFn | None = None, hash_
         prov = provenance.collect("compare", spec.inputs(), dataclasses.asdict(spec), report.verdict.null,
                                   hashed=(files, secs + in_pass),
                                   how=provenance.HASH_PASS_IN_READ if known else provenance.HASH_PASS_AFTER)
+        prov = dataclasses.replace(prov, files=provenance.with_remote(prov.files, _remote_files(spec, report)))
         report = dataclasses.replace(report, provenance=prov)
     return report
+
+
+def _remote_files(spec: RunSpec, report: Report) -> dict[str, tuple[Any, ...]]:
+    """Hub file records (repo, commit, file, published SHA-256, verification status) of each remote input.
+
+    A and B come from the comparison's own read (what was opened, and whether its bytes matched the
+    published hash); other remote inputs (merge parents, base, adapter) are opened for their metadata.
+    """
+    from lineage.io.hub import parse_hub_ref
+    from lineage.provenance import remote_records
+
+    out: dict[str, tuple[Any, ...]] = {}
+    for side, ref in spec.inputs().items():
+        if Path(ref).exists() or parse_hub_ref(ref) is None:
+            continue
+        summary = report.a if side == "a" else report.b if side == "b" else None
+        if summary is not None and summary.hub is not None:
+            out[side] = remote_records(side, summary.hub, summary.files)
+            continue
+        from lineage.io.checkpoint import open_checkpoint
+
+        with open_checkpoint(ref) as ck:
+            if ck.provenance is not None:
+                out[side] = remote_records(side, ck.provenance, ck.file_integrity())
+    return out
 
 
 def _compare_all(spec: RunSpec, progress: ProgressFn | None, *, hash_files: bool = False) -> Report:
@@ -85,7 +112,7 @@ def _compare_all(spec: RunSpec, progress: ProgressFn | None, *, hash_files: bool
         from lineage.mergefit import apply_merge, merge_evidence
 
         base = spec.base if spec.base is not None else (None if spec.a in spec.parents else spec.a)
-        report = apply_merge(report, merge_evidence(spec.b, list(spec.parents), base))
+        report = apply_merge(report, merge_evidence(spec.b, list(spec.parents), base, device=spec.device))
     return report
 
 
@@ -156,12 +183,15 @@ def diff_reports(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def load_report(path: str | Path) -> dict[str, Any]:
     """A report's JSON (ConfigError naming the file when it is not one)."""
-    try:
-        d = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    from lineage.errors import LineageError
+    from lineage.io.safejson import load_json_file
+
+    if not Path(path).is_file():
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a JSON report ({e})") from None
+    try:  # bounded: size, nesting depth, integer length (a report is data someone else may have written)
+        d = load_json_file(path, "report", max_bytes=MAX_REPORT_BYTES, expect=None)
+    except LineageError as e:
+        raise ConfigError(f"not a JSON report ({str(e).removeprefix(f'{path}: ')})", path=str(path)) from None
     if not isinstance(d, dict) or d.get("schema") != "lineage.compare/1":
         raise ConfigError(f"{path}: not a lineage compare report (schema lineage.compare/1)")
     return d
@@ -172,15 +202,54 @@ def verify_report(path: str | Path, *, device: str | None = None, progress: Prog
     """Re-hash the inputs named in report ``path``, re-run the comparison and list what differs."""
     from lineage.provenance import changed_files
 
+    from lineage.provenance import changed_remote
+
     old = load_report(path)
     spec = spec_from_report(old, str(path))
     if device is not None:
         spec = dataclasses.replace(spec, device=device)
-    changed = tuple(changed_files((old.get("provenance") or {}).get("files", [])))
+    recorded = [f for f in (old.get("provenance") or {}).get("files", []) if isinstance(f, Mapping)]
+    changed = changed_files(recorded) + changed_remote(recorded)
+    # Hub inputs are re-read at the commit the report recorded, not wherever their branch is now
+    spec = pinned_to_commits(spec, recorded)
     new = compare_recorded(spec, progress=progress)
+    changed += _remote_digests_differ(recorded, new)
     diffs = tuple(diff_reports(old, new.to_dict()))
     v = new.to_dict()["verdict"]
-    return VerifyResult(str(path), changed, diffs, v["relation"], v["p_text"]), new
+    return VerifyResult(str(path), tuple(dict.fromkeys(changed)), diffs, v["relation"], v["p_text"]), new
+
+
+def pinned_to_commits(spec: RunSpec, recorded: Sequence[Mapping[str, Any]]) -> RunSpec:
+    """``spec`` with every Hub input pinned to the commit recorded for its side (``hf://repo@commit[/path]``)."""
+    from lineage.io.hub import HubRef, parse_hub_ref
+
+    commit = {str(f.get("side")): (str(f["repo_id"]), str(f["commit"])) for f in recorded
+              if f.get("repo_id") and f.get("commit")}
+
+    def pin(side: str, ref: str | None) -> str | None:
+        hub = parse_hub_ref(ref) if ref and not Path(ref).exists() else None
+        if hub is None or side not in commit or commit[side][0] != hub.repo_id:
+            return ref
+        return str(HubRef(hub.repo_id, commit[side][1], hub.path))
+
+    return dataclasses.replace(
+        spec, a=pin("a", spec.a) or spec.a, b=pin("b", spec.b) or spec.b, adapter=pin("adapter", spec.adapter),
+        parents=tuple(pin(f"parent{i + 1}", p) or p for i, p in enumerate(spec.parents)), base=pin("base", spec.base))
+
+
+def _remote_digests_differ(recorded: Sequence[Mapping[str, Any]], new: Report) -> list[str]:
+    """Hub files whose digest in the re-run differs from the recorded one (or that the re-run did not read)."""
+    if new.provenance is None:
+        return []
+    now = {(f.side, f.file): f.digest for f in new.provenance.files if f.repo_id}
+    out = []
+    for f in recorded:
+        if not f.get("repo_id") or not f.get("digest"):
+            continue
+        got = now.get((f.get("side"), f.get("file")), "(not read)")
+        if got != f["digest"]:
+            out.append(f"{f['path']}: sha256 {str(f['digest'])[:16]}… recorded, {str(got)[:16]}… in the re-run")
+    return out
 
 
 def render_verify(result: VerifyResult, recorded: Sequence[str] = ()) -> str:

@@ -6,11 +6,12 @@ import pytest
 
 from lineage.compare import compare
 from lineage.testing.zoo import Zoo, build_zoo
+from lineage.testing.zoocache import cached_zoo
 
 
 @pytest.fixture(scope="module")
 def zoo() -> Zoo:
-    return build_zoo("small")
+    return cached_zoo("small")
 
 
 @pytest.mark.parametrize(

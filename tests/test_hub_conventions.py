@@ -230,19 +230,40 @@ def test_index_shards_only_and_adapter_base_with_a_copy(tmp_path):
 def test_cache_root_follows_lineage_cache_then_xdg(tmp_path, monkeypatch):
     from lineage.io.cachedir import cache_path, cache_root
     from lineage.scan import ScanOptions
-    from lineage.testing import zoo
+    from lineage.testing import zoo, zoocache
 
     monkeypatch.delenv("LINEAGE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_root() == tmp_path / "xdg" / "lineage"
-    # the zoo (test fixtures) keeps LINEAGE_CACHE or ~/.cache/lineage: its cache key hashes zoo.py's code
-    assert zoo.cache_root() == Path.home() / ".cache" / "lineage"
+    # the zoo's cache follows the same rule (lineage.testing.zoocache; zoo.py's own default is kept
+    # byte-identical because the zoo's cache key hashes its code)
+    assert zoocache.zoo_dir("small") == tmp_path / "xdg" / "lineage" / "zoo" / zoo.zoo_key("small")[0]
     assert ScanOptions().db_path() == tmp_path / "xdg" / "lineage" / "registry.sqlite"  # the scan's registry
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")  # not absolute: ignored, as the spec says
     assert cache_root() == Path.home() / ".cache" / "lineage"
     monkeypatch.setenv("LINEAGE_CACHE", str(tmp_path / "own"))
-    assert cache_root() == tmp_path / "own" and zoo.cache_root() == tmp_path / "own"
+    assert cache_root() == tmp_path / "own" and zoocache.zoo_dir("small").parent.parent == tmp_path / "own"
     assert cache_path("bench", create=True).is_dir()
+
+
+def test_zoo_and_demo_live_under_xdg_cache_home(tmp_path, monkeypatch):
+    """`lineage demo` (and every zoo user) finds the zoo under $XDG_CACHE_HOME/lineage, and builds it there."""
+    from lineage.testing import zoo, zoocache
+    from lineage.testing.demo import build_demo
+
+    monkeypatch.delenv("LINEAGE_CACHE", raising=False)
+    built = zoocache.cached_zoo("small")  # wherever it is cached now (built once per machine)
+    key = zoo.zoo_key("small")[0]
+    (tmp_path / "xdg" / "lineage" / "zoo").mkdir(parents=True)
+    (tmp_path / "xdg" / "lineage" / "zoo" / key).symlink_to(built.root)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    models = build_demo()
+    assert models and all(Path(p).is_relative_to(tmp_path / "xdg" / "lineage" / "zoo" / key) for p in models.values())
+    calls = []
+    monkeypatch.setattr(zoocache, "build_zoo", lambda subset, out, **kw: calls.append((subset, Path(out))))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    zoocache.cached_zoo("small")
+    assert calls == [("small", tmp_path / "empty" / "lineage" / "zoo" / key)]
 
 
 def test_no_cache_path_computed_elsewhere():

@@ -17,6 +17,7 @@ LAYERS = {
     "lineage.render.plots": 1,
     "lineage.render.pvalue": 1,
     "lineage.provenance": 1,
+    "lineage.device": 1,
     "lineage.signals": 2,
     "lineage.roles": 2,
     "lineage.stream": 2,

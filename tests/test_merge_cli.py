@@ -8,11 +8,12 @@ import pytest
 
 from lineage.cli import main
 from lineage.testing.zoo import Zoo, build_zoo
+from lineage.testing.zoocache import cached_zoo
 
 
 @pytest.fixture(scope="module")
 def zoo() -> Zoo:
-    return build_zoo("small")
+    return cached_zoo("small")
 
 
 def _run(capsys, args: list[str]) -> dict:

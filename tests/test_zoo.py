@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from lineage.testing.bpe import BPETokenizer, train_bpe
 from lineage.testing.models import TinyConfig, forward, load_model, to_dtype
 from lineage.testing.zoo import Zoo, build_zoo
+from lineage.testing.zoocache import cached_zoo
 
 
 @pytest.fixture(scope="module")
 def zoo() -> Zoo:
-    return build_zoo("small")
+    return cached_zoo("small")
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -28,7 +29,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_cached_on_second_call(zoo: Zoo) -> None:
     stamp = (zoo.root / "manifest.json").stat().st_mtime_ns
     t0 = time.perf_counter()
-    again = build_zoo("small")
+    again = cached_zoo("small")
     assert again.root == zoo.root
     assert (zoo.root / "manifest.json").stat().st_mtime_ns == stamp
     assert time.perf_counter() - t0 < 10

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from lineage.cli.options import (OPT_COLOUR, OPT_DEVICE, OPT_HTML, OPT_JSON, OPT_OUTPUT, OPT_PROGRESS, check_output,
-                                 emit, progress, want_colour, write_html)
+from lineage.cli.options import (OPT_COLOUR, OPT_DEVICE, OPT_HTML, OPT_JSON, OPT_OUTPUT, OPT_PROGRESS, check_device,
+                                 check_output, emit, progress, want_colour, write_html)
 
 
 @click.command()
@@ -33,6 +33,7 @@ def tree(models: tuple[str, ...], as_json: bool, output: str | None, html_path: 
 
     check_output(html_path)
     check_output(output)
+    check_device(device)
     with progress(no_progress) as bar:
         result = family_tree(list(models), options=CompareOptions(device=device), progress=bar)
     if as_json:
@@ -87,6 +88,7 @@ def scan(sources: tuple[str, ...], engine: str, workers: int, address: str | Non
     check_output(output)
     opts = ScanOptions(engine=engine, workers=workers, address=address, cache_dir=cache_dir, db=db, alpha=alpha,
                        confirm=confirm, refresh=refresh, k=k, k_max=max(k, 32))
+    check_device(device)
     if device != "cpu":
         os.environ["LINEAGE_DEVICE"] = device  # read by the --confirm comparisons (lineage.scan.confirm_task)
     with progress(no_progress) as bar:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from lineage.cli.options import (OPT_COLOUR, OPT_JSON, OPT_OUTPUT, OPT_PROGRESS, OPT_REVISION, OPT_TENSORS, OPT_TOKEN,
+from lineage.cli.options import (OPT_COLOUR, OPT_DEVICE, OPT_JSON, OPT_OUTPUT, OPT_PROGRESS, OPT_REVISION, OPT_TENSORS, OPT_TOKEN,
                                  check_output, emit, hub_refs, progress, want_colour)
 
 
@@ -49,10 +49,11 @@ def inspect(ref: str, as_json: bool, output: str | None, tensors: bool, download
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, writable=True),
               help="Fingerprint file to write (.lfp).")
 @OPT_JSON
+@OPT_DEVICE
 @OPT_PROGRESS
 @OPT_REVISION
 @OPT_TOKEN
-def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revision: str | None = None,
+def fingerprint(model: str, output: str, as_json: bool, device: str, no_progress: bool, revision: str | None = None,
                 token: str | None = None) -> int:
     """Write MODEL's compact, transform-invariant fingerprint (compare it later with `lineage compare`)."""
     import json
@@ -67,7 +68,7 @@ def fingerprint(model: str, output: str, as_json: bool, no_progress: bool, revis
     from lineage.fingerprint_workflow import write_fingerprint
 
     with progress(no_progress) as bar:
-        info = write_fingerprint(model, output, progress=bar)
+        info = write_fingerprint(model, output, progress=bar, device=device)
     if as_json:
         from lineage.schemas import stamp
 

@@ -36,6 +36,13 @@ def want_colour(flag: bool | None, stream: Any) -> bool:
     return hasattr(stream, "isatty") and stream.isatty()
 
 
+def check_device(device: str) -> None:
+    """Fail before any work when ``--device`` cannot be had (``cuda`` without CUDA: exit 2, one line)."""
+    from lineage.device import resolve_device
+
+    resolve_device(device)
+
+
 def check_output(path: str | None) -> None:
     """Fail before any work when an output file cannot be written (exit 2, one line naming it)."""
     if path is None:
@@ -125,7 +132,8 @@ OPT_PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bar
 OPT_COLOUR = click.option("--color/--no-color", "colour", default=None,
                           help="Force colour on (also into a pipe) or off (default: colour on a terminal unless NO_COLOR).")
 OPT_DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
-                          help="Where the heavy arithmetic runs (auto: CUDA when present).")
+                          help="Where the tensor arithmetic runs (auto: CUDA when present; cuda without one is an "
+                               "error). Files are read on the CPU.")
 OPT_TENSORS = click.option("--tensors/--no-tensors", default=False, show_default=True, help="Also list every tensor.")
 OPT_REVISION = click.option("--revision", help="Hub revision (branch, tag or commit) for Hub references "
                             "without their own @REV.")

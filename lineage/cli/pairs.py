@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from lineage.cli.options import (OPT_COLOUR, OPT_HTML, OPT_JSON, OPT_OUTPUT, OPT_PROGRESS, OPT_REVISION, OPT_TENSORS,
+from lineage.cli.options import (OPT_COLOUR, OPT_DEVICE, OPT_HTML, OPT_JSON, OPT_OUTPUT, OPT_PROGRESS, OPT_REVISION, OPT_TENSORS,
                                  OPT_TOKEN, check_output, emit, hub_refs, note, progress, want_colour, write_html)
 
 
@@ -122,21 +122,24 @@ def verify(report: str, device: str | None, as_json: bool, output: str | None, n
 @click.option("--base", help="The parents' common base (task vectors are taken relative to it).")
 @OPT_JSON
 @OPT_OUTPUT
+@OPT_DEVICE
 @OPT_PROGRESS
 def merge(child: str, parents: tuple[str, ...], base: str | None, as_json: bool, output: str | None,
-          no_progress: bool) -> int:
+          device: str, no_progress: bool) -> int:
     """Fit CHILD as a merge of PARENTS: per-module mixing weights with their uncertainty."""
     import json
 
     from lineage.mergefit import fit_merge_models
 
-    fit = fit_merge_models(child, list(parents), base)
+    check_output(output)
+    fit = fit_merge_models(child, list(parents), base, device=device)
     d = fit.to_dict()
     if as_json:
         from lineage.schemas import stamp
 
         d.pop("per_module", None)
-        emit(json.dumps(stamp("merge", {"child": child, "parents": list(parents), "base": base, **d}), indent=2)
+        emit(json.dumps(stamp("merge", {"child": child, "parents": list(parents), "base": base, "device": device,
+                                         **d}), indent=2)
               + "\n", output)
         return 0
     lines = [f"child {child}"]
@@ -153,7 +156,7 @@ def merge(child: str, parents: tuple[str, ...], base: str | None, as_json: bool,
 @click.command()
 @click.option("-o", "--output", "--out", "out", type=click.Path(file_okay=False), default=None,
               help="Folder to copy the demo models into (default: they stay in the zoo cache, "
-                   "$LINEAGE_CACHE or ~/.cache/lineage).")
+                   "$LINEAGE_CACHE, else $XDG_CACHE_HOME/lineage, else ~/.cache/lineage).")
 @OPT_JSON
 @click.option("--html", "html_dir", type=click.Path(file_okay=False),
               help="Also write one HTML report per pair into this folder.")

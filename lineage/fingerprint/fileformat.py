@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,13 +58,7 @@ def load_fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
         hint = " (made by an older lineage from whole layers; re-create it with `lineage fingerprint`)" if old else ""
         raise FingerprintError(f"unsupported fingerprint version {md.get('version')!r}{hint}; this build reads "
                                f"version {VERSION!r}", path=p)
-    try:
-        meta = json.loads(md.get("meta", ""))
-        tokens = meta["tokens"]
-        n_layers = int(meta["n_layers"])
-        arch = dict(meta["arch"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise FingerprintError(f"metadata 'meta' is not the expected JSON object ({e})", path=p) from e
+    meta, tokens, n_layers, arch = _read_meta(md.get("meta", ""), p)
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens) or len(set(tokens)) != len(tokens):
         raise FingerprintError("metadata tokens must be a list of distinct strings", path=p)
     m = len(tokens)
@@ -84,4 +79,32 @@ def load_fingerprint(path: str | os.PathLike[str]) -> Fingerprint:
             raise FingerprintError(f"tensor {n!r} holds NaN or Inf", path=p)
     layers = tuple({k: tensors[f"L{i}.{k}"].float() for k in SKETCH_KINDS if f"L{i}.{k}" in tensors}
                    for i in range(n_layers))
-    return Fingerprint(tuple(tokens), tensors["K"].float(), layers, arch, dict(meta.get("meta", {})))
+    return Fingerprint(tuple(tokens), tensors["K"].float(), layers, arch, meta)
+
+
+#: Cap on the JSON metadata of a ``.lfp`` file (the probe tokens and a few settings: ~10 KB in practice).
+MAX_META_BYTES = 1 << 20
+
+
+def _read_meta(raw: object, p: str) -> tuple[dict[str, Any], list[Any], int, dict[str, Any]]:
+    """The ``meta`` JSON of a ``.lfp`` header through the bounded loader (size, depth, integer length):
+    ``(meta, tokens, n_layers, arch)``, or :class:`FingerprintError` naming what is wrong."""
+    from lineage.errors import HeaderError
+    from lineage.io.safejson import loads_bounded
+
+    if not isinstance(raw, str):
+        raise FingerprintError("metadata 'meta' is missing", path=p)
+    try:
+        meta = loads_bounded(raw, path=p, what="fingerprint metadata 'meta'", max_bytes=MAX_META_BYTES)
+    except HeaderError as e:
+        raise FingerprintError(str(e).removeprefix(f"{p}: "), path=p) from None
+    if not isinstance(meta, dict):
+        raise FingerprintError(f"metadata 'meta' must be a JSON object, found {type(meta).__name__}", path=p)
+    tokens, n_layers, arch, extra = meta.get("tokens"), meta.get("n_layers"), meta.get("arch"), meta.get("meta", {})
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool):
+        raise FingerprintError(f"metadata n_layers must be an integer, found {type(n_layers).__name__}", path=p)
+    if not isinstance(arch, dict) or not isinstance(extra, dict):
+        raise FingerprintError("metadata 'arch' and 'meta' must be JSON objects", path=p)
+    if not isinstance(tokens, list):
+        raise FingerprintError("metadata tokens must be a list of distinct strings", path=p)
+    return extra, tokens, n_layers, arch

@@ -194,9 +194,31 @@ class LayeredRows:
         return t[torch.as_tensor(list(idx), dtype=torch.int64)].float()
 
 
+class DeviceRows:
+    """:class:`RowSource` whose rows arrive on ``device`` (``--device``): the files are read on the CPU,
+    the sketches' arithmetic (per-head SVDs, projections, Grams) runs where the rows are."""
+
+    def __init__(self, inner: RowSource, device: torch.device) -> None:
+        self.inner = inner
+        self.device = device
+
+    @property
+    def n_layers(self) -> int:
+        return self.inner.n_layers
+
+    def shape(self, role: str) -> tuple[int, ...] | None:
+        return self.inner.shape(role)
+
+    def rows(self, role: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.inner.rows(role, start, stop).to(self.device)
+
+    def row_set(self, role: str, idx: Sequence[int]) -> torch.Tensor:
+        return self.inner.row_set(role, idx).to(self.device)
+
+
 def row_source(model: Any) -> RowSource:
     """The cheapest :class:`RowSource` for ``model`` (checkpoint-backed models read row spans only)."""
-    if isinstance(model, (CheckpointRows, LayeredRows)):
+    if isinstance(model, (CheckpointRows, LayeredRows, DeviceRows)):
         return model
     ck, rm = getattr(model, "ckpt", None), getattr(model, "rolemap", None)
     if ck is not None and rm is not None and hasattr(ck, "read") and hasattr(ck, "tensors"):
@@ -268,14 +290,21 @@ def sampled_layer_sketch(src: RowSource, i: int, X: torch.Tensor, arch: Any) -> 
 
 def compute_fingerprint(model: LayeredModel | RowSource, arch: Any, vocab: Sequence[str] | None = None, *,
                         n_probes: int = CONFIG.probes, progress: ProgressFn | None = None,
-                        source: str = "") -> Fingerprint:
+                        source: str = "", device: str | torch.device | None = None) -> Fingerprint:
     """Fingerprint of a model, reading only probe-token embedding rows, K, V and a few MLP neuron rows.
 
     ``model`` is a :class:`~lineage.canon.LayeredModel` (a checkpoint-backed
     :class:`~lineage.canon.CheckpointModel` is read by row spans, nothing else) or a :class:`RowSource`.
+    ``device`` (``cpu``, ``cuda``, ``auto`` or a torch device) is where the sketches are computed;
+    the fingerprint itself is returned on the CPU.
     """
+    from lineage.device import resolve_device
+
     a = arch_from(arch)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     src = row_source(model)
+    if dev.type != "cpu":
+        src = DeviceRows(src, dev)
     shape = src.shape("embed.weight")
     if shape is None or len(shape) != 2:
         raise ArchitectureError("a fingerprint needs the token embedding (embed.weight)")
@@ -287,10 +316,10 @@ def compute_fingerprint(model: LayeredModel | RowSource, arch: Any, vocab: Seque
     n = src.n_layers
     for i in range(n):
         sk = sampled_layer_sketch(src, i, X, a)
-        layers.append({k: _unit(v) for k, v in sk.items()})
+        layers.append({k: _unit(v).cpu() for k, v in sk.items()})
         if progress is not None:
             progress(i + 1, n, f"layer {i}")
     arch_d = {k: getattr(a, k) for k in ("hidden", "n_layers", "n_heads", "n_kv_heads", "head_dim", "norm", "mlp", "tied")}
     meta = {"source": source, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "vocab": vocab is not None,
             "sampling": {"unit_fraction": CONFIG.unit_fraction, "min_units": CONFIG.min_units}}
-    return Fingerprint(tuple(t for t, _ in probes), _unit(X @ X.T), tuple(layers), arch_d, meta)
+    return Fingerprint(tuple(t for t, _ in probes), _unit(X @ X.T).cpu(), tuple(layers), arch_d, meta)

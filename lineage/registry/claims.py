@@ -48,9 +48,9 @@ def _card_claims(readme: str | None) -> list[tuple[str, str]]:
     if not readme or not Path(readme).is_file():
         return []
     try:
-        from huggingface_hub.repocard import metadata_load
+        from lineage.io.safeyaml import load_front_matter
 
-        md = metadata_load(readme) or {}
+        md = load_front_matter(readme)  # bounded: size, depth, no YAML aliases
     except Exception as e:  # noqa: BLE001 - a bad card is no claim, logged
         log.info("%s: unreadable card front matter (%s)", readme, e)
         return []

@@ -154,6 +154,16 @@ def _models_html(report: Report) -> list[str]:
     return out
 
 
+def _checked(f: object) -> str:
+    """How a provenance file record's digest relates to the bytes read."""
+    status, source = getattr(f, "status", None), getattr(f, "digest_source", None)
+    if getattr(f, "repo_id", None) is None:
+        return "hashed here" if getattr(f, "digest", None) else "not hashed"
+    what = {"verified": "all bytes matched the Hub's", "partial": "read in part", "no-hash": "no Hub hash",
+            "fetched": "fetched whole, hashed here"}
+    return what.get(str(status), str(status or source or "not hashed"))
+
+
 def _provenance_html(report: Report) -> list[str]:
     e = html.escape
     pv = report.provenance
@@ -162,12 +172,16 @@ def _provenance_html(report: Report) -> list[str]:
         return out + ["<p>Not recorded (run without hashing): this report cannot be verified.</p>"]
     out.append(f"<p>Written by lineage {e(pv.version)} on {e(pv.created_utc)}. Re-run and check it with "
                f"<code>lineage verify REPORT.json</code> (the JSON form of this report). Files hashed with "
-               f"{e(pv.files[0].algorithm if pv.files else 'blake3').upper()} in a {e(pv.hash_pass)} "
-               f"({pv.hash_seconds:.2f} s).</p>")
-    out.append("<table><tr><th class='l'>side</th><th class='l'>file</th><th>size (bytes)</th><th class='l'>digest</th></tr>")
+               f"{e(', '.join(sorted({f.algorithm.upper() for f in pv.files if f.digest})) or 'BLAKE3')} in a "
+               f"{e(pv.hash_pass)} ({pv.hash_seconds:.2f} s). Local files: BLAKE3 of their bytes; Hub files: "
+               f"repo, commit and the SHA-256 the Hub publishes, which the bytes read were checked against.</p>")
+    out.append("<table><tr><th class='l'>side</th><th class='l'>file</th><th>size (bytes)</th><th class='l'>digest</th>"
+               "<th class='l'>checked</th></tr>")
     for f in pv.files:
-        out.append(f"<tr><td class='l'>{e(f.side)}</td><td class='l mono'>{e(f.path)}</td><td>{f.size:,}</td>"
-                   f"<td class='l mono'>{e(f.algorithm)}:{e(f.digest or '(remote)')}</td></tr>")
+        wrap = " style='word-break:break-all'"
+        out.append(f"<tr><td class='l'>{e(f.side)}</td><td class='l mono'{wrap}>{e(f.path)}</td><td>{f.size:,}</td>"
+                   f"<td class='l mono'{wrap}>{e(f.algorithm)}:{e(f.digest or '(none)')}</td>"
+                   f"<td class='l'>{e(_checked(f))}</td></tr>")
     out.append("</table>")
     opts = "; ".join(f"{k} = {v}" for k, v in pv.options.items())
     seeds = "; ".join(f"{k} = {v}" for k, v in pv.seeds.items())

@@ -23,9 +23,18 @@ UNDIRECTED_NOTE = ("undirected: the evidence gives no direction (fingerprint lin
                    "siblings); the model such a family is drawn from is not claimed to be its root")
 
 
+def _merge_name(e: Edge) -> str:
+    return f"merge ({e.merge_method})" if e.merge_method else "merge"
+
+
+def _absent(e: Edge) -> str:
+    return f"; {', '.join(e.absent_parents)} not among the models" if e.absent_parents else ""
+
+
 def _label(e: Edge) -> str:
     if e.relation == "merge":
-        return f"merge of {' + '.join((e.parent, *e.other_parents))}, d={e.distance:.3g}"
+        return (f"{_merge_name(e)} of {' + '.join((e.parent, *e.other_parents, *e.absent_parents))}"
+                f"{_absent(e)}, d={e.distance:.3g}")
     return f"{e.relation}{'' if e.directed else ', undirected'}, d={e.distance:.3g}"
 
 
@@ -93,6 +102,16 @@ def _legend(relations: Sequence[str], any_undirected: bool, any_merge: bool, any
     return '<div class="legend">' + "".join(items) + "</div>"
 
 
+def _svg_label(ed: Edge, pvals: Mapping[frozenset[str], float]) -> str:
+    """An edge's label in the drawing: relation (merge type, absent parents), direction, p-value."""
+    label = (_merge_name(ed) if ed.relation == "merge" else ed.relation) + ("" if ed.directed else " (undirected)")
+    if ed.absent_parents:
+        n = len(ed.absent_parents)
+        label += f", + {n} parent{'s' if n > 1 else ''} not among the models"
+    lp = pvals.get(frozenset((ed.parent, ed.child)), ed.log10_p)
+    return label + (f", {format_p(lp)}" if lp is not None else "")
+
+
 def _edge_svg(x1: float, y1: float, x2: float, y2: float, col: str, directed: bool, dashed: bool,
               label: str, title: str) -> list[str]:
     e = html.escape
@@ -122,9 +141,11 @@ def render_html(tree: Tree, title: str = "lineage family tree",
     pvals = _p_lookup(pairs)
     longest = max((len(n) for n in tree.nodes), default=4)
     box_w = max(90, int(longest * 7.2) + 20)
-    # side margins leave room for the edge labels (relation and p-value) of the outermost edges
+    labels = {id(ed): _svg_label(ed, pvals) for ed in tree.edges}
+    # side margins leave room for the longest edge label (~6.6 px per character at 12 px sans-serif)
+    reach = max((6.6 * len(t) + 24 for t in labels.values()), default=0.0)
     dx, dy, mx, my = box_w + 170, 110, box_w / 2 + 190, 40
-    width = int(max((x for x, _ in pos.values()), default=0) * dx + 2 * mx)
+    width = int(max((x for x, _ in pos.values()), default=0) * dx + mx + box_w / 2 + max(190.0, reach))
     height = int(max((d for _, d in pos.values()), default=0) * dy + 2 * my)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'font-family="sans-serif" font-size="12" role="img" aria-label="{e(title)}">']
@@ -138,8 +159,7 @@ def render_html(tree: Tree, title: str = "lineage family tree",
         col = COLOURS.get(ed.relation, "#555")
         lp = pvals.get(frozenset((ed.parent, ed.child)), ed.log10_p)
         ptxt = f", {format_p(lp)}" if lp is not None else ""
-        label = ("merge" if ed.relation == "merge" else ed.relation) + ("" if ed.directed else " (undirected)")
-        parts += _edge_svg(x1, y1 + 14, x2, y2 - 16, col, ed.directed, False, label + ptxt,
+        parts += _edge_svg(x1, y1 + 14, x2, y2 - 16, col, ed.directed, False, labels[id(ed)],
                            f"{ed.parent} → {ed.child}: {_label(ed)}{ptxt}")
         for q in ed.other_parents:
             if q in pos:
@@ -176,10 +196,12 @@ def _edge_table(tree: Tree, pvals: Mapping[frozenset[str], float]) -> str:
             "<th>direction</th><th>distance</th><th>p-value</th></tr>"]
     for ed in tree.edges:
         lp = pvals.get(frozenset((ed.parent, ed.child)), ed.log10_p)
-        parents = " + ".join((ed.parent, *ed.other_parents))
+        parents = " + ".join((ed.parent, *ed.other_parents, *(f"{x} (not among the models)" for x in ed.absent_parents)))
         link = f"{parents} → {ed.child}" if ed.directed else f"{ed.parent} — {ed.child}"
-        direction = "from evidence" if ed.directed else "unknown"
-        rows.append(f"<tr><td class='l'>{e(link)}</td><td class='l'>{e(ed.relation)}</td>"
+        direction = ("model card (a parent not here)" if ed.absent_parents else "from evidence") if ed.directed \
+            else "unknown"
+        relation = _merge_name(ed) if ed.relation == "merge" else ed.relation
+        rows.append(f"<tr><td class='l'>{e(link)}</td><td class='l'>{e(relation)}</td>"
                     f"<td>{direction}</td><td>{ed.distance:.3g}</td>"
                     f"<td>{e(format_p(lp)) if lp is not None else '—'}</td></tr>")
     rows.append("</table>")

@@ -6,7 +6,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from lineage.testing.zoo import build_zoo
+from lineage.testing.zoocache import cached_zoo
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def build_demo(out: str | Path | None = None) -> dict[str, str]:
     With ``out``, the demo models are copied there (the zoo stays cached).
     Models the zoo does not have are left out.
     """
-    zoo = build_zoo("small")
+    zoo = cached_zoo("small")
     ids = set(zoo.ids)
     result: dict[str, str] = {}
     for name, (model_id, _) in DEMO_MODELS.items():
