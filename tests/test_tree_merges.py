@@ -13,7 +13,8 @@ import pytest
 
 from lineage.cli import main
 from lineage.testing.zoocache import cached_zoo
-from lineage.tree import Link, build_tree, render_html, render_text
+from lineage.render.tree import render_html, render_text
+from lineage.tree import Link, build_tree
 
 
 def run(args: list[str], capsys) -> tuple[int, str, str]:

@@ -51,9 +51,9 @@ from lineage.fingerprint.comparison import CAN_CONCLUDE, CANNOT_CONCLUDE, Finger
 from lineage.fingerprint.config import CONFIG, FingerprintConfig
 from lineage.fingerprint.fileformat import FORMAT, MAX_FILE_BYTES, SUFFIX, VERSION, load_fingerprint, save_fingerprint
 from lineage.fingerprint.sketch import SKETCH_KINDS, CheckpointRows, Fingerprint, LayeredRows, RowSource, \
-    compute_fingerprint, probe_tokens, row_source, sampled_layer_sketch, sampled_units
+    DeviceRows, compute_fingerprint, probe_tokens, row_source, sampled_layer_sketch, sampled_units
 
 __all__ = ["CAN_CONCLUDE", "CANNOT_CONCLUDE", "CONFIG", "FORMAT", "MAX_FILE_BYTES", "SKETCH_KINDS", "SUFFIX", "VERSION",
            "CheckpointRows", "Fingerprint", "FingerprintComparison", "FingerprintConfig", "FingerprintLayer",
            "LayeredRows", "RowSource", "compare_fingerprints", "compute_fingerprint", "load_fingerprint",
-           "probe_tokens", "row_source", "sampled_layer_sketch", "sampled_units", "save_fingerprint"]
+           "DeviceRows", "probe_tokens", "row_source", "sampled_layer_sketch", "sampled_units", "save_fingerprint"]
